@@ -1,0 +1,111 @@
+//! The admin HTTP listener: the nginx push module's publisher endpoint (`POST`/`PUT` publish,
+//! `GET` channel info, `DELETE` channel) for backends that would rather use curl than a Redis
+//! client, and `GET /status` with the `INFO` text. Same tokens as the control socket, as
+//! `Authorization: Bearer <secret>`.
+
+use crate::http::{self, Method, Request};
+use crate::hub;
+use crate::server::Server;
+
+/// Compares secrets in time independent of where they differ.
+pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Server {
+    /// The token name whose secret is `secret`.
+    pub fn token_by_secret(&self, secret: &[u8]) -> Option<&str> {
+        // Every token is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for (name, s) in &self.cfg.tokens {
+            if secret_eq(s.as_bytes(), secret) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
+    /// Handles one request on the admin listener.
+    pub(crate) fn admin_request(&mut self, t: usize, req: Request, body: Vec<u8>) {
+        let ka = req.keep_alive;
+        if !self.cfg.tokens.is_empty() {
+            let secret = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
+            if secret.and_then(|s| self.token_by_secret(s.as_bytes())).is_none() {
+                self.counters.rejected += 1;
+                crate::warn!("admin request from {} with a missing or wrong token", self.conns[t].peer);
+                return self.respond(t, 401, "WWW-Authenticate: Bearer\r\n", b"a token is required: Authorization: Bearer <secret>", ka);
+            }
+        }
+        if req.path == "/status" {
+            return match req.method() {
+                Method::Get => {
+                    let text = self.info_text();
+                    self.respond(t, 200, "", text.as_bytes(), ka)
+                }
+                _ => self.respond(t, 405, "Allow: GET\r\n", b"GET only", ka),
+            };
+        }
+        let channel = if let Some(rest) = req.path.strip_prefix("/pub/") {
+            rest.to_string()
+        } else if req.path == "/pub" {
+            match http::query_arg(&req.query, "id") {
+                Some(Some(id)) => id,
+                _ => return self.reject(t, 400, "missing or badly encoded id argument", ka),
+            }
+        } else {
+            return self.reject(t, 404, "not found: use /pub?id=<channel> or /status", ka);
+        };
+        if !hub::valid_channel(&channel, self.cfg.limits.max_channel_id_bytes) {
+            return self.reject(t, 400, "bad channel id", ka);
+        }
+        let json = req.accept.as_deref().is_some_and(|a| a.contains("application/json"));
+        match req.method() {
+            Method::Post | Method::Put => {
+                let ct = req.content_type.as_deref().filter(|c| !c.is_empty()).unwrap_or("text/plain");
+                let n = self.publish(&channel, ct, &body);
+                self.channel_info(t, &channel, if n > 0 { 201 } else { 202 }, json, ka);
+            }
+            Method::Get => self.channel_info(t, &channel, 200, json, ka),
+            Method::Delete => match self.hub.delete(&channel) {
+                Some(waiters) => {
+                    let n = waiters.len();
+                    self.end_holds(waiters, 410);
+                    crate::info!("channel {channel} deleted by admin ({n} held polls answered 410)");
+                    let body = format!("channel deleted, {n} subscribers gone\n");
+                    self.respond(t, 200, "", body.as_bytes(), ka)
+                }
+                None => self.reject(t, 404, "no such channel", ka),
+            },
+            _ => self.respond(t, 405, "Allow: GET, POST, PUT, DELETE\r\n", b"method not allowed", ka),
+        }
+    }
+
+    fn reject(&mut self, t: usize, status: u16, why: &str, ka: bool) {
+        self.counters.rejected += 1;
+        self.respond(t, status, "", why.as_bytes(), ka)
+    }
+
+    fn channel_info(&mut self, t: usize, channel: &str, status: u16, json: bool, ka: bool) {
+        let Some(i) = self.hub.info(channel, self.now_secs) else {
+            return self.reject(t, 404, "no such channel", ka);
+        };
+        let requested = i.last_requested.map_or(-1, |s| s as i64);
+        let last = i.last_id.map(|id| id.to_string()).unwrap_or_default();
+        if json {
+            let body = format!(
+                "{{\"messages\":{},\"requested\":{requested},\"subscribers\":{},\"last_message_id\":\"{last}\"}}\n",
+                i.messages, i.subscribers
+            );
+            self.respond_typed(t, status, "", "application/json", body.as_bytes(), ka)
+        } else {
+            let body = format!(
+                "queued messages: {}\r\nlast requested: {requested} sec. ago\r\nactive subscribers: {}\r\nlast message id: {last}\r\n",
+                i.messages, i.subscribers
+            );
+            self.respond(t, status, "", body.as_bytes(), ka)
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The configuration: `server.toml` is read into a raw serde struct that refuses unknown keys
+//! (a typo must not silently fall back to a default), then checked into a validated [`Config`]
+//! whose fields the rest of the daemon trusts without further checks. Every error names the key
+//! and the problem, so an operator can fix the file from the message alone.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Log level: 0 error, 1 warn, 2 info, 3 debug (`RUST_LOG` wins over the file).
+    pub log_level: u8,
+    /// Browser (long-poll) listener settings.
+    pub browser: Browser,
+    /// Control socket (RESP) address.
+    pub control_listen: SocketAddr,
+    /// Backend tokens: name -> secret. Empty means no authentication is asked.
+    pub tokens: BTreeMap<String, String>,
+    /// Admin HTTP listener address.
+    pub admin_listen: SocketAddr,
+    /// Per-channel buffer limits.
+    pub channels: Channels,
+    /// Caps on what a peer may send or hold.
+    pub limits: Limits,
+}
+
+/// Browser listener settings.
+#[derive(Debug, Clone)]
+pub struct Browser {
+    /// Address of the long-poll listener.
+    pub listen: SocketAddr,
+    /// Name of the cookie holding the session id.
+    pub session_cookie: String,
+    /// How long a poll is held before `408`.
+    pub poll_timeout: Duration,
+    /// Origins allowed by CORS; `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// What a poll without a cursor gets first.
+    pub first_message: FirstMessage,
+}
+
+/// What a poll without a cursor gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstMessage {
+    /// The oldest buffered message (nchan's default).
+    Oldest,
+    /// The next message published after the request.
+    Newest,
+}
+
+/// Per-channel buffer limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Channels {
+    /// Messages kept per channel.
+    pub buffer_length: usize,
+    /// Age after which a buffered message is dropped, in seconds.
+    pub message_ttl_secs: u64,
+}
+
+/// Caps on peers.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest HTTP request head.
+    pub max_head_bytes: usize,
+    /// Largest message (HTTP body or RESP bulk).
+    pub max_message_bytes: usize,
+    /// Longest channel id.
+    pub max_channel_id_bytes: usize,
+    /// Output bytes queued for one connection before it is cut as a slow reader.
+    pub max_output_bytes: usize,
+    /// Connections held at once; above it new ones get `503` (HTTP) or an error (RESP).
+    pub max_connections: usize,
+    /// Time for a request head to arrive, from its first byte.
+    pub head_timeout: Duration,
+    /// Time an idle keep-alive browser or admin connection is kept between requests.
+    pub idle_timeout: Duration,
+}
+
+/// A configuration error: the key and what is wrong with it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(key: &str, problem: impl fmt::Display) -> Result<T, ConfigError> {
+    Err(ConfigError(format!("{key}: {problem}")))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct Raw {
+    log: RawLog,
+    browser: RawBrowser,
+    control: RawControl,
+    admin: RawAdmin,
+    channels: RawChannels,
+    limits: RawLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog { level: "info".into() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBrowser {
+    listen: String,
+    session_cookie: String,
+    poll_timeout_secs: u64,
+    allowed_origins: Vec<String>,
+    first_message: String,
+}
+
+impl Default for RawBrowser {
+    fn default() -> Self {
+        RawBrowser {
+            listen: "127.0.0.1:8100".into(),
+            session_cookie: "PHPSESSID".into(),
+            poll_timeout_secs: 30,
+            allowed_origins: Vec::new(),
+            first_message: "oldest".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawControl {
+    listen: String,
+    tokens: BTreeMap<String, String>,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        RawControl { listen: "127.0.0.1:8101".into(), tokens: BTreeMap::new() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { listen: "127.0.0.1:8102".into() }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawChannels {
+    buffer_length: u64,
+    message_ttl_secs: u64,
+}
+
+impl Default for RawChannels {
+    fn default() -> Self {
+        RawChannels { buffer_length: 100, message_ttl_secs: 3600 }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_head_bytes: u64,
+    max_message_bytes: u64,
+    max_channel_id_bytes: u64,
+    max_output_bytes: u64,
+    max_connections: u64,
+    head_timeout_secs: u64,
+    idle_timeout_secs: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_head_bytes: 8192,
+            max_message_bytes: 1 << 20,
+            max_channel_id_bytes: 128,
+            max_output_bytes: 4 << 20,
+            max_connections: 19_000,
+            head_timeout_secs: 10,
+            idle_timeout_secs: 120,
+        }
+    }
+}
+
+/// Parses a log level name as `RUST_LOG` or the file gives it.
+pub fn parse_level(s: &str) -> Option<u8> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "error" => Some(0),
+        "warn" | "warning" => Some(1),
+        "info" => Some(2),
+        "debug" | "trace" => Some(3),
+        _ => None,
+    }
+}
+
+fn addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    // An IP and a port only: a host name would need DNS, which the daemon never does.
+    s.parse().or_else(|_| err(key, format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8100\")")))
+}
+
+fn range(key: &str, v: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    if v < min || v > max {
+        return err(key, format!("{v} is out of range ({min} to {max})"));
+    }
+    Ok(v)
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parses and validates a configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError(e.to_string().trim_end().to_string()))?;
+        Config::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Config, ConfigError> {
+        let log_level = match parse_level(&raw.log.level) {
+            Some(l) => l,
+            None => return err("log.level", format!("{:?} is not one of error, warn, info, debug", raw.log.level)),
+        };
+        let b = raw.browser;
+        let cookie = b.session_cookie.trim().to_string();
+        if cookie.is_empty() || !cookie.bytes().all(|c| c.is_ascii_graphic() && !b"=;,\"".contains(&c)) {
+            return err("browser.session_cookie", format!("{:?} is not a cookie name", b.session_cookie));
+        }
+        for o in &b.allowed_origins {
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return err(
+                    "browser.allowed_origins",
+                    format!("{o:?} is not an origin (\"https://site.com\", no path, or \"*\")"),
+                );
+            }
+        }
+        let first_message = match b.first_message.as_str() {
+            "oldest" => FirstMessage::Oldest,
+            "newest" => FirstMessage::Newest,
+            other => return err("browser.first_message", format!("{other:?} is not \"oldest\" or \"newest\"")),
+        };
+        let browser = Browser {
+            listen: addr("browser.listen", &b.listen)?,
+            session_cookie: cookie,
+            poll_timeout: Duration::from_secs(range("browser.poll_timeout_secs", b.poll_timeout_secs, 1, 86_400)?),
+            allowed_origins: b.allowed_origins,
+            first_message,
+        };
+        for (name, secret) in &raw.control.tokens {
+            if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
+                return err("control.tokens", format!("token name {name:?} must be printable ASCII without spaces"));
+            }
+            if secret.len() < 8 {
+                return err(&format!("control.tokens.{name}"), "a secret needs at least 8 characters");
+            }
+        }
+        let control_listen = addr("control.listen", &raw.control.listen)?;
+        let admin_listen = addr("admin.listen", &raw.admin.listen)?;
+        if raw.control.tokens.is_empty() {
+            // Without a token anyone who reaches these ports can publish to every browser.
+            if !control_listen.ip().is_loopback() {
+                return err("control.listen", format!("{control_listen} is not a loopback address and [control.tokens] is empty: add a token"));
+            }
+            if !admin_listen.ip().is_loopback() {
+                return err("admin.listen", format!("{admin_listen} is not a loopback address and [control.tokens] is empty: add a token"));
+            }
+        }
+        let c = raw.channels;
+        let channels = Channels {
+            buffer_length: range("channels.buffer_length", c.buffer_length, 1, 1_000_000)? as usize,
+            message_ttl_secs: range("channels.message_ttl_secs", c.message_ttl_secs, 1, 365 * 86_400)?,
+        };
+        let l = raw.limits;
+        let limits = Limits {
+            max_head_bytes: range("limits.max_head_bytes", l.max_head_bytes, 1024, 1 << 20)? as usize,
+            max_message_bytes: range("limits.max_message_bytes", l.max_message_bytes, 1, 64 << 20)? as usize,
+            max_channel_id_bytes: range("limits.max_channel_id_bytes", l.max_channel_id_bytes, 8, 1024)? as usize,
+            max_output_bytes: range("limits.max_output_bytes", l.max_output_bytes, 4096, 1 << 30)? as usize,
+            max_connections: range("limits.max_connections", l.max_connections, 1, 10_000_000)? as usize,
+            head_timeout: Duration::from_secs(range("limits.head_timeout_secs", l.head_timeout_secs, 1, 3600)?),
+            idle_timeout: Duration::from_secs(range("limits.idle_timeout_secs", l.idle_timeout_secs, 1, 86_400)?),
+        };
+        if limits.max_output_bytes < limits.max_message_bytes + 4096 {
+            return err("limits.max_output_bytes", "must exceed limits.max_message_bytes by at least 4096 (one message must fit)");
+        }
+        Ok(Config {
+            log_level,
+            browser,
+            control_listen,
+            tokens: raw.control.tokens,
+            admin_listen,
+            channels,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.browser.listen.port(), 8100);
+        assert_eq!(c.browser.session_cookie, "PHPSESSID");
+        assert_eq!(c.channels.buffer_length, 100);
+        assert!(c.tokens.is_empty());
+    }
+
+    #[test]
+    fn shipped_file_is_valid() {
+        let text = include_str!("../server.toml");
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.control_listen.port(), 8101);
+        assert_eq!(c.admin_listen.port(), 8102);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[browser]\npoll_timeout_secs = \"x\"\n", "poll_timeout_secs"),
+            ("[browser]\nbogus = 1\n", "bogus"),
+            ("[browser]\nlisten = \"localhost:80\"\n", "browser.listen"),
+            ("[browser]\npoll_timeout_secs = 0\n", "browser.poll_timeout_secs"),
+            ("[browser]\nfirst_message = \"middle\"\n", "browser.first_message"),
+            ("[control]\nlisten = \"0.0.0.0:8101\"\n", "control.listen"),
+            ("[admin]\nlisten = \"0.0.0.0:8102\"\n", "admin.listen"),
+            ("[control.tokens]\nphp = \"short\"\n", "control.tokens.php"),
+            ("[log]\nlevel = \"loud\"\n", "log.level"),
+            ("[channels]\nbuffer_length = 0\n", "channels.buffer_length"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text).unwrap_err();
+            assert!(e.0.contains(key), "{text:?} -> {e} does not name {key}");
+        }
+    }
+
+    #[test]
+    fn public_listener_with_token_is_allowed() {
+        let c = Config::parse("[control]\nlisten = \"0.0.0.0:8101\"\n[control.tokens]\nphp = \"12345678\"\n").unwrap();
+        assert_eq!(c.tokens.len(), 1);
+    }
+}

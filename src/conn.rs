@@ -1,0 +1,189 @@
+//! One connection's state: its socket, input buffer, output queue and phase. Owned by the loop's
+//! slab; only the loop (`server.rs` and the handlers it calls) touches it.
+//!
+//! The output queue holds chunks, so a message's encoded bytes are shared by `Arc` with every
+//! subscriber instead of copied: a delivery pushes two pointers (the connection's own header
+//! lines and the message's shared tail) and the socket write gathers them with `writev`.
+
+use crate::hub::{Message, MsgId};
+use mio::net::TcpStream;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which listener a connection came from, and so which protocol it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Long-poll HTTP.
+    Browser,
+    /// RESP control socket.
+    Control,
+    /// Admin HTTP.
+    Admin,
+}
+
+/// The phase of an HTTP connection. Legal moves:
+/// `Idle -> Head` (first byte) `-> Body` (head with a body) `-> Idle` (answered, keep-alive) or
+/// `-> Held` (a poll that waits) `-> Idle` (answered); any phase -> closed.
+/// RESP connections stay `Idle` and are driven by their input alone.
+#[derive(Debug)]
+pub enum Phase {
+    /// Between requests; the idle timer runs.
+    Idle,
+    /// Part of a head has arrived; the head timer runs from its first byte.
+    Head,
+    /// A head arrived; waiting for `Request::content_length` body bytes.
+    Body(Box<crate::http::Request>),
+    /// A poll held on a channel until a message, a timeout, a delete or shutdown.
+    Held(Box<Hold>),
+}
+
+/// What a held poll needs to be answered later.
+#[derive(Debug)]
+pub struct Hold {
+    /// The hold id, also the key of this poll in the channel's waiters. Never reused.
+    pub id: u64,
+    /// The channel it waits on.
+    pub channel: Box<str>,
+    /// The request's cursor, echoed on 408/503.
+    pub cursor: Option<MsgId>,
+    /// This request's CORS lines (may be empty), shared with the output queue on delivery.
+    pub lines: Arc<[u8]>,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
+}
+
+/// A piece of pending output.
+pub enum Chunk {
+    /// Bytes owned by this connection (replies, error responses).
+    Own(Vec<u8>),
+    /// Bytes shared with other connections (per-request header lines).
+    Shared(Arc<[u8]>),
+    /// A message's shared 200 tail.
+    Msg(Arc<Message>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Own(v) => v,
+            Chunk::Shared(b) => b,
+            Chunk::Msg(m) => &m.http_tail,
+        }
+    }
+}
+
+/// Pending output: chunks in order, and how much of the first one is already written.
+#[derive(Default)]
+pub struct OutQueue {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    offset: usize,
+    /// Bytes not yet written, all chunks.
+    len: usize,
+}
+
+impl OutQueue {
+    /// Bytes waiting to be written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when everything is written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues a chunk.
+    pub fn push(&mut self, c: Chunk) {
+        self.len += c.bytes().len();
+        self.chunks.push_back(c);
+    }
+
+    /// Appends owned bytes: `f` writes into the last chunk when it is owned (replies pipelined
+    /// back to back coalesce into one buffer), else into a new one.
+    pub fn append(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
+        if !matches!(self.chunks.back(), Some(Chunk::Own(_))) {
+            self.chunks.push_back(Chunk::Own(Vec::new()));
+        }
+        if let Some(Chunk::Own(v)) = self.chunks.back_mut() {
+            let before = v.len();
+            f(v);
+            self.len += v.len() - before;
+        }
+    }
+
+    /// Writes as much as the socket takes. Ok(true) when the queue is empty.
+    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
+        while self.len > 0 {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut n = 0;
+            for (i, c) in self.chunks.iter().take(16).enumerate() {
+                let b = c.bytes();
+                slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
+                n = i + 1;
+            }
+            match w.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut written) => {
+                    self.len -= written;
+                    while written > 0 {
+                        let front = self.chunks.front().map_or(0, |c| c.bytes().len()) - self.offset;
+                        if written >= front {
+                            written -= front;
+                            self.chunks.pop_front();
+                            self.offset = 0;
+                        } else {
+                            self.offset += written;
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        // Drop empty owned chunks and, once idle, the memory of large ones.
+        self.chunks.clear();
+        self.offset = 0;
+        Ok(true)
+    }
+}
+
+/// A connection.
+pub struct Conn {
+    /// Unique for the daemon's life (slab tokens are reused; this is not).
+    pub id: u64,
+    /// Listener it came from.
+    pub kind: Kind,
+    /// The socket.
+    pub stream: TcpStream,
+    /// Peer address, for logs.
+    pub peer: SocketAddr,
+    /// Bytes read and not yet parsed.
+    pub inbuf: Vec<u8>,
+    /// Bytes to write.
+    pub out: OutQueue,
+    /// HTTP phase (RESP: always Idle).
+    pub phase: Phase,
+    /// Stamp of the current phase; timers carry the stamp they were set for and a changed stamp
+    /// makes them stale. Drawn from the same never-reused counter as hold ids.
+    pub stamp: u64,
+    /// Close once the output is flushed (after an error response, `Connection: close`, QUIT).
+    pub close_after_write: bool,
+    /// The socket may have unread bytes (edge-triggered readiness not yet drained).
+    pub readable: bool,
+    /// Backend authenticated as this token name (RESP/admin).
+    pub auth: Option<Box<str>>,
+    /// `CLIENT SETNAME` value.
+    pub name: Option<Box<str>>,
+    /// The peer closed its side (read returned 0).
+    pub eof: bool,
+    /// Marked for reaping before the next poll; nothing more is done with it.
+    pub dead: bool,
+    /// When the connection was accepted.
+    pub since: Instant,
+}

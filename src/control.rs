@@ -1,0 +1,186 @@
+//! The control socket: Redis-protocol commands from backends (phpredis, predis, redis-cli).
+//! Frames are parsed by `resp.rs`; this file checks authentication and arity, then acts on the
+//! hub through the loop (`Server::publish`, sessions) and queues the reply. Replies keep the
+//! order of pipelined commands because each is appended to the connection's output in turn.
+
+use crate::hub;
+use crate::resp;
+use crate::server::Server;
+
+/// Most arguments in one command: enough for any command here, small enough that a hostile
+/// count cannot make the parser work hard.
+const MAX_ARGS: usize = 1024;
+/// Longest inline command line, as Redis.
+const MAX_INLINE: usize = 64 * 1024;
+
+/// Content type of messages published over RESP (they have no header to say otherwise).
+pub const RESP_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// A reply to one command.
+enum Reply {
+    Simple(&'static str),
+    Error(String),
+    Int(i64),
+    Bulk(Vec<u8>),
+    Null,
+    EmptyArray,
+}
+
+fn arity(name: &str) -> Reply {
+    Reply::Error(format!("ERR wrong number of arguments for '{}' command", name.to_ascii_lowercase()))
+}
+
+impl Server {
+    /// Parses and runs the complete commands in connection `t`'s input.
+    pub(crate) fn control_input(&mut self, t: usize) {
+        let limits = resp::Limits { max_bulk: self.cfg.limits.max_message_bytes, max_args: MAX_ARGS, max_inline: MAX_INLINE };
+        let out_pause = self.cfg.limits.max_output_bytes / 2;
+        let mut pos = 0;
+        loop {
+            let Some(c) = self.conns.get_mut(t) else { return };
+            if c.dead || c.close_after_write || c.out.len() > out_pause {
+                break;
+            }
+            match resp::parse(&c.inbuf[pos..], &limits) {
+                Ok(None) => break,
+                Ok(Some((args, n))) => {
+                    pos += n;
+                    if !args.is_empty() {
+                        self.command(t, args);
+                    }
+                }
+                Err(e) => {
+                    crate::warn!("control connection from {} closed: {}", c.peer, e.message());
+                    c.out.append(|o| resp::error(o, &format!("ERR {}", e.message())));
+                    c.close_after_write = true;
+                    self.counters.rejected += 1;
+                    break;
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(t) {
+            c.inbuf.drain(..pos);
+        }
+        self.flush(t);
+    }
+
+    fn command(&mut self, t: usize, args: Vec<Vec<u8>>) {
+        let name = String::from_utf8_lossy(&args[0]).into_owned();
+        let upper = name.to_ascii_uppercase();
+        let argc = args.len();
+        let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
+        let reply = if !authed && !matches!(upper.as_str(), "AUTH" | "PING" | "QUIT") {
+            Reply::Error("NOAUTH Authentication required.".into())
+        } else {
+            match upper.as_str() {
+                "PING" => match argc {
+                    1 => Reply::Simple("PONG"),
+                    2 => Reply::Bulk(args[1].clone()),
+                    _ => arity(&name),
+                },
+                "ECHO" if argc == 2 => Reply::Bulk(args[1].clone()),
+                "QUIT" => {
+                    self.conns[t].close_after_write = true;
+                    Reply::Simple("OK")
+                }
+                "AUTH" if argc == 2 || argc == 3 => self.auth(t, &args[1..]),
+                "SELECT" if argc == 2 => match &args[1][..] {
+                    b"0" => Reply::Simple("OK"),
+                    _ => Reply::Error("ERR DB index is out of range".into()),
+                },
+                "CLIENT" if argc >= 2 => self.client(t, &args[1..]),
+                "COMMAND" => Reply::EmptyArray,
+                "PUBLISH" if argc == 3 => match std::str::from_utf8(&args[1]) {
+                    Ok(ch) if hub::valid_channel(ch, self.cfg.limits.max_channel_id_bytes) => {
+                        let ch = ch.to_string();
+                        Reply::Int(self.publish(&ch, RESP_CONTENT_TYPE, &args[2]) as i64)
+                    }
+                    _ => Reply::Error("ERR invalid channel id".into()),
+                },
+                "SESSION.OPEN" if argc == 2 || argc == 3 => match std::str::from_utf8(&args[1]) {
+                    Ok(sid) if hub::valid_session(sid) => {
+                        let user = args.get(2).map(|u| String::from_utf8_lossy(u).into_owned());
+                        crate::debug!("session {sid} opened (user {user:?})");
+                        self.hub.open_session(sid, user);
+                        Reply::Simple("OK")
+                    }
+                    _ => Reply::Error("ERR invalid session id".into()),
+                },
+                "SESSION.CLOSE" if argc == 2 => match std::str::from_utf8(&args[1]) {
+                    Ok(sid) if hub::valid_session(sid) => match self.hub.close_session(sid) {
+                        Some(waiters) => {
+                            crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
+                            self.end_holds(waiters, 410);
+                            Reply::Int(1)
+                        }
+                        None => Reply::Int(0),
+                    },
+                    _ => Reply::Error("ERR invalid session id".into()),
+                },
+                "INFO" if argc <= 2 => Reply::Bulk(self.info_text().into_bytes()),
+                "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" => arity(&name),
+                _ => Reply::Error(format!("ERR unknown command '{}'", name.replace(['\r', '\n'], " "))),
+            }
+        };
+        let Some(c) = self.conns.get_mut(t) else { return };
+        c.out.append(|o| match reply {
+            Reply::Simple(s) => resp::simple(o, s),
+            Reply::Error(e) => resp::error(o, &e),
+            Reply::Int(n) => resp::integer(o, n),
+            Reply::Bulk(b) => resp::bulk(o, &b),
+            Reply::Null => resp::null_bulk(o),
+            Reply::EmptyArray => resp::array_len(o, 0),
+        });
+    }
+
+    fn auth(&mut self, t: usize, args: &[Vec<u8>]) -> Reply {
+        if self.cfg.tokens.is_empty() {
+            return Reply::Simple("OK");
+        }
+        let name = match args {
+            [secret] => self.token_by_secret(secret).map(str::to_string),
+            [user, secret] => {
+                let user = String::from_utf8_lossy(user);
+                self.cfg
+                    .tokens
+                    .get(user.as_ref())
+                    .filter(|s| crate::admin::secret_eq(s.as_bytes(), secret))
+                    .map(|_| user.into_owned())
+            }
+            _ => None,
+        };
+        let c = &mut self.conns[t];
+        match name {
+            Some(n) => {
+                crate::info!("backend {} authenticated as {n}", c.peer);
+                c.auth = Some(n.into());
+                Reply::Simple("OK")
+            }
+            None => {
+                crate::warn!("wrong token from {}", c.peer);
+                c.auth = None;
+                Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+            }
+        }
+    }
+
+    fn client(&mut self, t: usize, args: &[Vec<u8>]) -> Reply {
+        let sub = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+        let c = &mut self.conns[t];
+        match (sub.as_str(), args.len()) {
+            ("SETNAME", 2) => {
+                c.name = Some(String::from_utf8_lossy(&args[1]).into());
+                Reply::Simple("OK")
+            }
+            ("GETNAME", 1) => match &c.name {
+                Some(n) => Reply::Bulk(n.as_bytes().to_vec()),
+                None => Reply::Null,
+            },
+            ("ID", 1) => Reply::Int(c.id as i64),
+            // Client libraries send these on connect; accepting them keeps them working.
+            ("SETINFO", 3) => Reply::Simple("OK"),
+            ("SETNAME" | "GETNAME" | "ID" | "SETINFO", _) => arity("client"),
+            _ => Reply::Error(format!("ERR unknown subcommand '{}'", String::from_utf8_lossy(&args[0]).replace(['\r', '\n'], " "))),
+        }
+    }
+}

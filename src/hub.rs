@@ -1,0 +1,465 @@
+//! The channel hub: every channel's message buffer and held polls, and the open sessions. Pure
+//! state: no sockets, no clock of its own (the loop passes `now`), so it is tested alone. The loop
+//! asks it what a poll gets (a buffered message, or to wait) and, on publish, which held polls to
+//! answer; the hub answers with ids (hold ids and slab tokens), never touching a connection.
+//!
+//! A message is encoded once at publish (`Message::http_tail`) and shared by `Arc` with every
+//! subscriber it reaches. Buffers expire in publish order: since every message lives the same
+//! `message_ttl_secs`, one global FIFO of (expiry, channel) finds the expired ones without
+//! scanning channels.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// A message id: the second it was published and its rank within that second on its channel.
+/// Ordered by time then tag; strictly increasing per channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MsgId {
+    /// Unix second of publication.
+    pub time: u64,
+    /// Rank within that second, from 0.
+    pub tag: u32,
+}
+
+impl std::fmt::Display for MsgId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.time, self.tag)
+    }
+}
+
+/// A published message, shared by every buffer slot and output queue that holds it.
+#[derive(Debug)]
+pub struct Message {
+    /// Its id on its channel.
+    pub id: MsgId,
+    /// The 200 response's shared part: headers after the per-connection lines, then the body.
+    pub http_tail: Box<[u8]>,
+    /// Body length, for accounting.
+    pub body_len: usize,
+}
+
+/// A poll waiting on a channel: its hold id (never reused) and the connection's slab token.
+pub type Waiters = HashMap<u64, usize>;
+
+/// Where a poll starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// The oldest buffered message.
+    Oldest,
+    /// Only messages published from now on.
+    Newest,
+    /// The first message after this id.
+    After(MsgId),
+}
+
+/// What a poll gets.
+#[derive(Debug)]
+pub enum Poll {
+    /// A buffered message, at once.
+    Message(Arc<Message>),
+    /// Nothing yet: the poll is now a waiter on the channel.
+    Held,
+}
+
+/// What `info` reports about a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// Buffered messages.
+    pub messages: usize,
+    /// Held polls.
+    pub subscribers: usize,
+    /// Seconds since a poll last asked, None if never.
+    pub last_requested: Option<u64>,
+    /// Id of the newest buffered message.
+    pub last_id: Option<MsgId>,
+}
+
+/// An open session (logged in by the backend).
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The application's user id, if the backend gave one.
+    pub user: Option<String>,
+}
+
+#[derive(Default)]
+struct Channel {
+    /// Buffered messages, oldest first, ids increasing.
+    messages: VecDeque<Arc<Message>>,
+    /// Id of the last message ever published here, kept after the buffer empties so ids stay
+    /// increasing while the channel lives.
+    last_id: Option<MsgId>,
+    /// Held polls.
+    waiters: Waiters,
+    /// When a poll last asked.
+    last_requested: Option<u64>,
+}
+
+impl Channel {
+    fn is_idle(&self) -> bool {
+        self.messages.is_empty() && self.waiters.is_empty()
+    }
+}
+
+/// Counters the hub keeps for `INFO`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// Messages published since start.
+    pub published: u64,
+    /// Messages handed to a poll (held or immediate) since start.
+    pub delivered: u64,
+}
+
+/// The hub.
+pub struct Hub {
+    /// Channels by name.
+    channels: HashMap<Arc<str>, Channel>,
+    /// (expiry time, channel) for every buffered message, in publish order.
+    expiry: VecDeque<(u64, Arc<str>)>,
+    /// Open sessions by id.
+    sessions: HashMap<Box<str>, Session>,
+    /// Messages kept per channel.
+    buffer_length: usize,
+    /// Seconds a message is kept.
+    ttl: u64,
+    /// Held polls, all channels.
+    held: usize,
+    /// Buffered messages, all channels.
+    buffered: usize,
+    /// Counters.
+    pub stats: Stats,
+}
+
+/// Prefix of private channel names.
+pub const SESSION_PREFIX: &str = "session:";
+
+/// Whether `s` is a valid channel id: 1 to `max` bytes of `A-Z a-z 0-9 _ - . : ~ ,`. The set
+/// keeps ids safe in URLs, logs and RESP replies; the comma is there because PHP session ids
+/// (`session.sid_bits_per_character = 6`) use it. `@` is left out so the `@me` alias can never
+/// name a real channel.
+pub fn valid_channel(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:~,".contains(&b))
+}
+
+/// Whether `s` can be a session id: a valid channel id fragment of at most 120 bytes.
+pub fn valid_session(s: &str) -> bool {
+    valid_channel(s, 120)
+}
+
+impl Hub {
+    /// An empty hub with the buffer limits.
+    pub fn new(buffer_length: usize, ttl: u64) -> Hub {
+        Hub {
+            channels: HashMap::new(),
+            expiry: VecDeque::new(),
+            sessions: HashMap::new(),
+            buffer_length,
+            ttl,
+            held: 0,
+            buffered: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// A poll on `name` from `cursor`: a buffered message, or held as waiter `hold` (on
+    /// connection `token`) until `publish` or `cancel`.
+    pub fn poll(&mut self, name: &str, cursor: Cursor, hold: u64, token: usize, now: u64) -> Poll {
+        self.expire(now);
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => self.channels.entry(Arc::from(name)).or_default(),
+        };
+        ch.last_requested = Some(now);
+        let next = match cursor {
+            Cursor::Oldest => ch.messages.front(),
+            Cursor::Newest => None,
+            Cursor::After(id) => {
+                let i = ch.messages.partition_point(|m| m.id <= id);
+                ch.messages.get(i)
+            }
+        };
+        if let Some(m) = next {
+            self.stats.delivered += 1;
+            return Poll::Message(m.clone());
+        }
+        ch.waiters.insert(hold, token);
+        self.held += 1;
+        Poll::Held
+    }
+
+    /// Removes waiter `hold` (timed out, or its connection went away).
+    pub fn cancel(&mut self, name: &str, hold: u64) {
+        if let Some(ch) = self.channels.get_mut(name) {
+            if ch.waiters.remove(&hold).is_some() {
+                self.held -= 1;
+            }
+            if ch.is_idle() {
+                self.channels.remove(name);
+            }
+        }
+    }
+
+    /// Publishes a message: buffers it and returns it with the waiters to answer (each now
+    /// removed from the channel).
+    pub fn publish(&mut self, name: &str, content_type: &str, body: &[u8], now: u64) -> (Arc<Message>, Waiters) {
+        self.expire(now);
+        let key = match self.channels.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let ch = self.channels.entry(key.clone()).or_default();
+        let id = match ch.last_id {
+            // Same second, or a clock that stepped back: keep the time, raise the tag.
+            Some(last) if last.time >= now => match last.tag.checked_add(1) {
+                Some(tag) => MsgId { time: last.time, tag },
+                None => MsgId { time: last.time + 1, tag: 0 },
+            },
+            _ => MsgId { time: now, tag: 0 },
+        };
+        ch.last_id = Some(id);
+        let msg = Arc::new(Message {
+            id,
+            http_tail: crate::http::message_tail(id, content_type, body).into_boxed_slice(),
+            body_len: body.len(),
+        });
+        ch.messages.push_back(msg.clone());
+        self.buffered += 1;
+        if ch.messages.len() > self.buffer_length {
+            ch.messages.pop_front();
+            self.buffered -= 1;
+        }
+        let waiters = std::mem::take(&mut ch.waiters);
+        self.expiry.push_back((now.saturating_add(self.ttl), key));
+        if self.expiry.len() > 2 * self.buffered + 1024 {
+            self.compact_expiry();
+        }
+        self.held -= waiters.len();
+        self.stats.published += 1;
+        self.stats.delivered += waiters.len() as u64;
+        (msg, waiters)
+    }
+
+    /// Deletes a channel; returns its waiters (to be answered `410`), None if it did not exist.
+    pub fn delete(&mut self, name: &str) -> Option<Waiters> {
+        let ch = self.channels.remove(name)?;
+        self.held -= ch.waiters.len();
+        self.buffered -= ch.messages.len();
+        Some(ch.waiters)
+    }
+
+    /// Drops expired messages and the channels they leave empty. Costs only the expired entries.
+    pub fn expire(&mut self, now: u64) {
+        while let Some((at, _)) = self.expiry.front() {
+            if *at > now {
+                break;
+            }
+            let Some((_, name)) = self.expiry.pop_front() else { break };
+            let Some(ch) = self.channels.get_mut(&name) else { continue };
+            // The entry may be stale (message already pushed out by the length cap, or the
+            // channel deleted and made anew): drop only messages that are really due.
+            let limit = now.saturating_sub(self.ttl);
+            while ch.messages.front().is_some_and(|m| m.id.time <= limit) {
+                ch.messages.pop_front();
+                self.buffered -= 1;
+            }
+            if ch.is_idle() {
+                self.channels.remove(&name);
+            }
+        }
+    }
+
+    /// Drops expiry entries of messages already gone (pushed out by the length cap, or their
+    /// channel deleted), so the queue stays proportional to what is buffered even when a busy
+    /// channel publishes far more than it keeps. Amortised: runs once the queue doubles.
+    fn compact_expiry(&mut self) {
+        // Keep, per channel, as many of the newest entries as it has messages; older ones are stale.
+        let mut left: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut kept = VecDeque::with_capacity(self.buffered);
+        for (at, name) in self.expiry.drain(..).rev() {
+            let n = left.entry(name.clone()).or_insert_with(|| self.channels.get(&name).map_or(0, |c| c.messages.len()));
+            if *n > 0 {
+                *n -= 1;
+                kept.push_front((at, name));
+            }
+        }
+        self.expiry = kept;
+    }
+
+    /// Facts about one channel.
+    pub fn info(&self, name: &str, now: u64) -> Option<ChannelInfo> {
+        let ch = self.channels.get(name)?;
+        Some(ChannelInfo {
+            messages: ch.messages.len(),
+            subscribers: ch.waiters.len(),
+            last_requested: ch.last_requested.map(|t| now.saturating_sub(t)),
+            last_id: ch.messages.back().map(|m| m.id),
+        })
+    }
+
+    /// Opens (or re-opens, updating the user) a session.
+    pub fn open_session(&mut self, sid: &str, user: Option<String>) {
+        self.sessions.insert(sid.into(), Session { user });
+    }
+
+    /// Closes a session and deletes its private channel; None if it was not open, else the
+    /// private channel's waiters (to be answered `410`).
+    pub fn close_session(&mut self, sid: &str) -> Option<Waiters> {
+        self.sessions.remove(sid)?;
+        Some(self.delete(&format!("{SESSION_PREFIX}{sid}")).unwrap_or_default())
+    }
+
+    /// The open session `sid`.
+    pub fn session(&self, sid: &str) -> Option<&Session> {
+        self.sessions.get(sid)
+    }
+
+    /// Channels alive (with messages or held polls).
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Open sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Held polls, all channels.
+    pub fn held_count(&self) -> usize {
+        self.held
+    }
+
+    /// Buffered messages, all channels.
+    pub fn buffered_count(&self) -> usize {
+        self.buffered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(m: &Message) -> &[u8] {
+        &m.http_tail[m.http_tail.len() - m.body_len..]
+    }
+
+    fn got(p: Poll) -> Arc<Message> {
+        match p {
+            Poll::Message(m) => m,
+            Poll::Held => panic!("held, expected a message"),
+        }
+    }
+
+    #[test]
+    fn cursor_walks_buffer_without_gaps() {
+        let mut hub = Hub::new(10, 60);
+        for (i, now) in [100, 100, 100, 101, 105].iter().enumerate() {
+            hub.publish("c", "text/plain", format!("m{i}").as_bytes(), *now);
+        }
+        let mut cursor = Cursor::Oldest;
+        let mut seen = Vec::new();
+        loop {
+            match hub.poll("c", cursor, 1, 0, 106) {
+                Poll::Message(m) => {
+                    seen.push((m.id, String::from_utf8(body(&m).to_vec()).unwrap()));
+                    cursor = Cursor::After(m.id);
+                }
+                Poll::Held => break,
+            }
+        }
+        let ids: Vec<_> = seen.iter().map(|(id, _)| (id.time, id.tag)).collect();
+        assert_eq!(ids, [(100, 0), (100, 1), (100, 2), (101, 0), (105, 0)]);
+        assert_eq!(seen[4].1, "m4");
+        assert_eq!(hub.held_count(), 1);
+        let (m, waiters) = hub.publish("c", "text/plain", b"m5", 107);
+        assert_eq!(waiters.into_iter().collect::<Vec<_>>(), [(1, 0)]);
+        assert_eq!(body(&m), b"m5");
+        assert_eq!(hub.held_count(), 0);
+    }
+
+    #[test]
+    fn ids_increase_when_clock_steps_back() {
+        let mut hub = Hub::new(10, 60);
+        let a = hub.publish("c", "t", b"", 200).0.id;
+        let b = hub.publish("c", "t", b"", 150).0.id;
+        assert!(b > a);
+    }
+
+    #[test]
+    fn newest_waits_and_old_cursor_gets_oldest() {
+        let mut hub = Hub::new(2, 60);
+        for i in 0..5u8 {
+            hub.publish("c", "t", &[b'0' + i], 100 + u64::from(i));
+        }
+        assert!(matches!(hub.poll("c", Cursor::Newest, 1, 0, 110), Poll::Held));
+        hub.cancel("c", 1);
+        // Cursor fell out of the buffer: the oldest kept message, not nothing.
+        assert_eq!(body(&got(hub.poll("c", Cursor::After(MsgId { time: 50, tag: 0 }), 2, 0, 110))), b"3");
+        // Cursor ahead of everything (client from before a restart): wait.
+        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 999, tag: 0 }), 3, 0, 110), Poll::Held));
+    }
+
+    #[test]
+    fn expiry_and_idle_channels_disappear() {
+        let mut hub = Hub::new(10, 60);
+        hub.publish("a", "t", b"x", 100);
+        hub.publish("b", "t", b"y", 130);
+        hub.expire(160);
+        assert_eq!(hub.channel_count(), 1);
+        assert!(hub.info("a", 160).is_none());
+        hub.expire(190);
+        assert_eq!(hub.channel_count(), 0);
+        assert_eq!(hub.buffered_count(), 0);
+        // A held poll keeps an empty channel alive until cancelled.
+        assert!(matches!(hub.poll("c", Cursor::Oldest, 7, 3, 200), Poll::Held));
+        assert_eq!(hub.info("c", 201).unwrap().subscribers, 1);
+        hub.cancel("c", 7);
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn delete_and_sessions() {
+        let mut hub = Hub::new(10, 60);
+        assert!(matches!(hub.poll("c", Cursor::Oldest, 1, 9, 0), Poll::Held));
+        assert_eq!(hub.delete("c").unwrap().len(), 1);
+        assert!(hub.delete("c").is_none());
+        assert!(hub.close_session("s").is_none());
+        hub.open_session("s", Some("42".into()));
+        assert_eq!(hub.session("s").unwrap().user.as_deref(), Some("42"));
+        assert!(matches!(hub.poll("session:s", Cursor::Oldest, 2, 9, 0), Poll::Held));
+        assert_eq!(hub.close_session("s").unwrap().len(), 1);
+        assert!(hub.session("s").is_none());
+        assert_eq!(hub.held_count(), 0);
+    }
+
+    #[test]
+    fn expiry_queue_stays_bounded() {
+        let mut hub = Hub::new(2, 60);
+        for i in 0..100_000u64 {
+            hub.publish("c", "t", b"x", 100 + i / 1000);
+        }
+        assert!(hub.expiry.len() <= 2 * hub.buffered_count() + 1025);
+        hub.expire(100 + 100 + 60);
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn channel_ids() {
+        for ok in ["goods", "session:abc", "a-b_c.d:e~f,g", "x"] {
+            assert!(valid_channel(ok, 16), "{ok}");
+        }
+        for bad in ["", "a b", "@me", "a/b", "é", "a\0", "12345678901234567"] {
+            assert!(!valid_channel(bad, 16), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn buffer_length_caps() {
+        let mut hub = Hub::new(3, 60);
+        for i in 0..10u8 {
+            hub.publish("c", "t", &[i], 100);
+        }
+        let info = hub.info("c", 100).unwrap();
+        assert_eq!(info.messages, 3);
+        assert_eq!(info.last_id, Some(MsgId { time: 100, tag: 9 }));
+        assert_eq!(hub.buffered_count(), 3);
+    }
+}

@@ -1,0 +1,34 @@
+//! comet: a COMET (server push) daemon. Browsers long-poll it over HTTP (nginx push module /
+//! nchan compatible); backends (PHP with phpredis or predis, `redis-cli`) drive it over a
+//! Redis-protocol control socket; one thread runs everything that touches a socket.
+//!
+//! The files, in the order data flows through them:
+//!
+//! ```text
+//! main.rs      command line, config, signals            -> Server::bind, Server::run
+//! config.rs    server.toml -> raw serde struct -> validated Config
+//! server.rs    the mio loop: accept -> read -> dispatch -> write -> timers -> reap
+//! conn.rs      one connection: input buffer, output queue of shared chunks, phase
+//! http.rs      HTTP heads parsed (pure), responses encoded         \  protocol code:
+//! resp.rs      RESP2 commands parsed (pure), replies encoded       /  bytes in, result out
+//! browser.rs   a poll: identify the session, check the channel, hold or answer
+//! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
+//! admin.rs     the push module's publisher endpoint, /status
+//! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
+//! time.rs      HTTP dates and log stamps
+//! log.rs       one line per event on stderr
+//! ```
+//!
+//! `docs/architecture.md` walks one request through these files.
+
+pub mod admin;
+pub mod browser;
+pub mod config;
+pub mod conn;
+pub mod control;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod resp;
+pub mod server;
+pub mod time;

@@ -1,0 +1,724 @@
+//! The event loop: one mio `Poll` on one thread owns every socket, the connection slab, the
+//! timers and the hub. Each turn: wait for readiness (or the next timer), accept, read until
+//! `WouldBlock`, hand complete requests to the handlers (`browser.rs`, `admin.rs`, `control.rs`),
+//! write eagerly, fire due timers, then reap the connections marked dead. Nothing here blocks:
+//! work that would (database, HTTP callbacks) goes to worker threads, whose results come back on
+//! a crossbeam channel and wake the loop through its single `mio::Waker`.
+//!
+//! Connections are never freed in the middle of dispatch: `kill` marks them, `reap` frees them
+//! before the next poll (as Redis's `beforeSleep` does). Every deferred piece of work (a timer, a
+//! held poll in the hub) carries a stamp from a counter that is never reused, so an entry that
+//! outlived its connection or phase is recognised and skipped.
+
+use crate::config::Config;
+use crate::conn::{Chunk, Conn, Hold, Kind, OutQueue, Phase};
+use crate::hub::{Hub, Message, MsgId, Waiters};
+use crate::{debug, http, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BROWSER: Token = Token(usize::MAX - 1);
+const CONTROL: Token = Token(usize::MAX - 2);
+const ADMIN: Token = Token(usize::MAX - 3);
+const WAKER: Token = Token(usize::MAX - 4);
+
+/// Longest a shutdown waits for answers to drain before closing what is left.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Pause before accepting again after the process ran out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Something that wakes the loop from another thread.
+#[derive(Clone)]
+pub struct Handle {
+    waker: Arc<Waker>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Handle {
+    /// Asks the loop to shut down gracefully (from a signal handler thread).
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A timer entry: fires at `at` for the connection at `token` if its stamp is still `stamp`.
+struct Timer {
+    at: Instant,
+    token: usize,
+    stamp: u64,
+}
+
+/// Timer queues. Each kind has one fixed duration, so entries are pushed in deadline order and
+/// a FIFO is a priority queue: pushing and popping are O(1), stale entries are skipped.
+#[derive(Default)]
+struct Timers {
+    /// Held polls: `poll_timeout` -> 408.
+    hold: VecDeque<Timer>,
+    /// Request heads started and not finished: `head_timeout` -> 408 and close.
+    head: VecDeque<Timer>,
+    /// Keep-alive HTTP connections between requests: `idle_timeout` -> close.
+    idle: VecDeque<Timer>,
+}
+
+/// Counters for `INFO` and `/status`.
+#[derive(Default)]
+pub struct Counters {
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Connections refused at accept (over `max_connections`).
+    pub refused: u64,
+    /// Requests answered with a 4xx/5xx error or a RESP protocol error.
+    pub rejected: u64,
+    /// Connections cut for not reading their output.
+    pub slow_readers: u64,
+}
+
+/// The daemon's state, owned by the loop thread.
+pub struct Server {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// The channel hub.
+    pub hub: Hub,
+    /// Every connection, by token.
+    pub conns: Slab<Conn>,
+    /// Counters.
+    pub counters: Counters,
+    /// Unix seconds at the start of this turn (the hub's clock).
+    pub now_secs: u64,
+    /// Monotonic time at the start of this turn (the timers' clock).
+    pub now: Instant,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Bound addresses: browser, control, admin.
+    pub addrs: [SocketAddr; 3],
+    poll: Poll,
+    listeners: [Option<TcpListener>; 3],
+    timers: Timers,
+    /// Last stamp handed out (connection ids, hold ids, phase stamps share it).
+    last_stamp: u64,
+    /// Connections to look at before sleeping (input left after a hold ended or output drained).
+    pending: Vec<usize>,
+    /// Connections marked dead, freed before the next poll.
+    dead: Vec<usize>,
+    /// Read buffer shared by all connections: a read lands here, then only the bytes read are
+    /// appended to the connection's own buffer.
+    scratch: Box<[u8]>,
+    handle: Handle,
+    /// When accepting may resume after running out of descriptors.
+    accept_paused_until: Option<Instant>,
+    /// Shutdown deadline once a shutdown began.
+    stopping: Option<Instant>,
+}
+
+/// The error a start-up step failed with.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn bind(poll: &Poll, addr: SocketAddr, token: Token, what: &str) -> Result<TcpListener, StartError> {
+    let mut l = TcpListener::bind(addr).map_err(|e| StartError(format!("{what}.listen: cannot listen on {addr}: {e}")))?;
+    poll.registry()
+        .register(&mut l, token, Interest::READABLE)
+        .map_err(|e| StartError(format!("{what}.listen: {e}")))?;
+    Ok(l)
+}
+
+impl Server {
+    /// Opens the listeners. Nothing is accepted until `run`.
+    pub fn bind(cfg: Config) -> Result<Server, StartError> {
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create the poller: {e}")))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| StartError(format!("cannot create the waker: {e}")))?);
+        let b = bind(&poll, cfg.browser.listen, BROWSER, "browser")?;
+        let c = bind(&poll, cfg.control_listen, CONTROL, "control")?;
+        let a = bind(&poll, cfg.admin_listen, ADMIN, "admin")?;
+        let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
+        let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
+        Ok(Server {
+            hub: Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs),
+            conns: Slab::with_capacity(1024),
+            counters: Counters::default(),
+            now_secs: crate::time::unix_now(),
+            now: Instant::now(),
+            started: Instant::now(),
+            addrs,
+            poll,
+            listeners: [Some(b), Some(c), Some(a)],
+            timers: Timers::default(),
+            last_stamp: 0,
+            pending: Vec::new(),
+            dead: Vec::new(),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            handle: Handle { waker, shutdown: Arc::new(AtomicBool::new(false)) },
+            accept_paused_until: None,
+            stopping: None,
+            cfg,
+        })
+    }
+
+    /// A handle to wake or stop the loop from another thread.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// A fresh stamp: never handed out before.
+    pub fn stamp(&mut self) -> u64 {
+        self.last_stamp += 1;
+        self.last_stamp
+    }
+
+    /// Runs until shut down.
+    pub fn run(&mut self) -> io::Result<()> {
+        info!("ready browser={} control={} admin={}", self.addrs[0], self.addrs[1], self.addrs[2]);
+        let mut events = Events::with_capacity(1024);
+        loop {
+            self.before_sleep();
+            if let Some(deadline) = self.stopping {
+                if self.conns.is_empty() || Instant::now() >= deadline {
+                    info!("shutdown complete ({} connections closed)", self.conns.len());
+                    return Ok(());
+                }
+            }
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            self.now = Instant::now();
+            self.now_secs = crate::time::unix_now();
+            for ev in events.iter() {
+                match ev.token() {
+                    BROWSER => self.accept(0, Kind::Browser),
+                    CONTROL => self.accept(1, Kind::Control),
+                    ADMIN => self.accept(2, Kind::Admin),
+                    WAKER => self.woken(),
+                    Token(t) => {
+                        if ev.is_writable() || ev.is_error() {
+                            self.flush(t);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            if let Some(c) = self.conns.get_mut(t) {
+                                c.readable = true;
+                            }
+                            self.drive(t);
+                        }
+                    }
+                }
+            }
+            self.fire_timers();
+        }
+    }
+
+    /// Work done before every poll: input left waiting, then freeing dead connections.
+    fn before_sleep(&mut self) {
+        while let Some(t) = self.pending.pop() {
+            self.drive(t);
+        }
+        self.hub.expire(self.now_secs);
+        for t in std::mem::take(&mut self.dead) {
+            if self.conns.get(t).is_some_and(|c| c.dead) {
+                let mut c = self.conns.remove(t);
+                if let Phase::Held(h) = &c.phase {
+                    self.hub.cancel(&h.channel, h.id);
+                }
+                let _ = self.poll.registry().deregister(&mut c.stream);
+                debug!("closed {:?} connection {} from {}", c.kind, c.id, c.peer);
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let mut next = self.now + Duration::from_secs(1);
+        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle] {
+            if let Some(t) = q.front() {
+                next = next.min(t.at);
+            }
+        }
+        if let Some(at) = self.accept_paused_until {
+            next = next.min(at);
+        }
+        if let Some(at) = self.stopping {
+            next = next.min(at);
+        }
+        Some(next.saturating_duration_since(Instant::now()))
+    }
+
+    fn woken(&mut self) {
+        if self.handle.shutdown.load(Ordering::SeqCst) && self.stopping.is_none() {
+            self.begin_shutdown();
+        }
+    }
+
+    // ---- accept ----
+
+    fn accept(&mut self, which: usize, kind: Kind) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listeners[which] else { return };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, kind),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors (EMFILE/ENFILE) or a transient error: retrying at once
+                    // would spin on a listener that stays readable, so pause all accepting briefly.
+                    warn!("accept on {:?} listener failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}", kind);
+                    self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr, kind: Kind) {
+        self.counters.accepted += 1;
+        if self.conns.len() >= self.cfg.limits.max_connections {
+            self.counters.refused += 1;
+            // Best effort: the socket is fresh, so a short answer fits its send buffer.
+            let msg: &[u8] = match kind {
+                Kind::Control => b"-ERR max number of clients reached\r\n",
+                _ => b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            };
+            let _ = io::Write::write(&mut stream, msg);
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let id = self.stamp();
+        let entry = self.conns.vacant_entry();
+        let token = entry.key();
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        entry.insert(Conn {
+            id,
+            kind,
+            stream,
+            peer,
+            inbuf: Vec::new(),
+            out: OutQueue::default(),
+            phase: Phase::Idle,
+            stamp: id,
+            close_after_write: false,
+            readable: true,
+            auth: None,
+            name: None,
+            eof: false,
+            dead: false,
+            since: self.now,
+        });
+        if kind != Kind::Control {
+            self.timers.idle.push_back(Timer { at: self.now + self.cfg.limits.head_timeout, token, stamp: id });
+        }
+        debug!("accepted {:?} connection {id} from {peer}", kind);
+    }
+
+    // ---- read ----
+
+    /// Most bytes kept unparsed for one connection: a full head and body, and a margin.
+    fn inbuf_cap(&self) -> usize {
+        self.cfg.limits.max_head_bytes + self.cfg.limits.max_message_bytes + 16 * 1024
+    }
+
+    /// Reads what the socket has and processes it, until the socket is drained or the
+    /// connection must wait (output backed up, a held poll, a full input buffer).
+    fn drive(&mut self, t: usize) {
+        self.process(t);
+        let cap = self.inbuf_cap();
+        let out_pause = self.cfg.limits.max_output_bytes / 2;
+        loop {
+            let Some(c) = self.conns.get_mut(t) else { return };
+            if c.dead || c.eof || !c.readable || c.inbuf.len() >= cap || c.out.len() > out_pause {
+                break;
+            }
+            match c.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    c.eof = true;
+                }
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&self.scratch[..n]);
+                    if c.inbuf.len() == n && n < c.inbuf.capacity() / 4 {
+                        c.inbuf.shrink_to_fit();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.readable = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("read from {} failed: {e}", c.peer);
+                    self.kill(t);
+                    return;
+                }
+            }
+            self.process(t);
+        }
+        let Some(c) = self.conns.get_mut(t) else { return };
+        if c.eof && !c.dead {
+            // The peer is gone or half-closed: a held poll has no one to answer; anything else
+            // gets its pending answers flushed, then the connection closes.
+            if matches!(c.phase, Phase::Held(_)) || c.out.is_empty() {
+                self.kill(t);
+            } else {
+                c.close_after_write = true;
+            }
+        }
+    }
+
+    /// Parses and handles whatever complete requests the input buffer holds.
+    fn process(&mut self, t: usize) {
+        let Some(c) = self.conns.get(t) else { return };
+        if c.dead {
+            return;
+        }
+        match c.kind {
+            Kind::Control => self.control_input(t),
+            Kind::Browser | Kind::Admin => self.http_input(t),
+        }
+    }
+
+    fn http_input(&mut self, t: usize) {
+        let limits = self.cfg.limits;
+        loop {
+            let Some(c) = self.conns.get_mut(t) else { return };
+            if c.dead || c.close_after_write || c.out.len() > limits.max_output_bytes / 2 {
+                return;
+            }
+            match &c.phase {
+                Phase::Held(_) => return,
+                Phase::Body(req) => {
+                    let need = req.content_length;
+                    if c.inbuf.len() < need {
+                        return;
+                    }
+                    let body: Vec<u8> = c.inbuf.drain(..need).collect();
+                    let Phase::Body(req) = std::mem::replace(&mut c.phase, Phase::Idle) else { unreachable!() };
+                    self.request(t, *req, body);
+                }
+                Phase::Idle | Phase::Head => {
+                    if c.inbuf.is_empty() {
+                        return;
+                    }
+                    match http::parse_head(&c.inbuf, limits.max_head_bytes, limits.max_message_bytes) {
+                        Ok(None) => {
+                            if matches!(c.phase, Phase::Idle) {
+                                c.phase = Phase::Head;
+                                let stamp = self.stamp();
+                                self.set_stamp(t, stamp);
+                                self.timers.head.push_back(Timer { at: self.now + limits.head_timeout, token: t, stamp });
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            debug!("bad request from {}: {} {}", c.peer, e.status, e.reason);
+                            self.counters.rejected += 1;
+                            self.respond(t, e.status, "", e.reason.as_bytes(), false);
+                            return;
+                        }
+                        Ok(Some((req, n))) => {
+                            c.inbuf.drain(..n);
+                            if req.content_length > 0 {
+                                // The body is on the same clock as the head: a stalled sender is cut.
+                                let fresh = matches!(c.phase, Phase::Idle);
+                                c.phase = Phase::Body(Box::new(req));
+                                if fresh {
+                                    let stamp = self.stamp();
+                                    self.set_stamp(t, stamp);
+                                    self.timers.head.push_back(Timer { at: self.now + limits.head_timeout, token: t, stamp });
+                                }
+                            } else {
+                                c.phase = Phase::Idle;
+                                self.request(t, req, Vec::new());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, t: usize, req: http::Request, body: Vec<u8>) {
+        let stamp = self.stamp();
+        self.set_stamp(t, stamp);
+        match self.conns[t].kind {
+            Kind::Admin => self.admin_request(t, req, body),
+            _ => self.browser_request(t, req),
+        }
+    }
+
+    fn set_stamp(&mut self, t: usize, stamp: u64) {
+        if let Some(c) = self.conns.get_mut(t) {
+            c.stamp = stamp;
+        }
+    }
+
+    // ---- answer ----
+
+    /// Answers the current HTTP request (not a held poll): `lines` are extra header lines.
+    /// Closes after writing unless `keep_alive`.
+    pub fn respond(&mut self, t: usize, status: u16, lines: &str, body: &[u8], keep_alive: bool) {
+        self.respond_typed(t, status, lines, "text/plain; charset=utf-8", body, keep_alive);
+    }
+
+    /// `respond` with a content type.
+    pub fn respond_typed(&mut self, t: usize, status: u16, lines: &str, content_type: &str, body: &[u8], keep_alive: bool) {
+        let Some(c) = self.conns.get_mut(t) else { return };
+        let ct = if body.is_empty() { "" } else { content_type };
+        c.out.append(|out| {
+            let mut all = String::with_capacity(lines.len() + 24);
+            all.push_str(lines);
+            all.push_str(http::connection_header(keep_alive));
+            http::response(out, status, all.as_bytes(), ct, body);
+        });
+        self.finish_request(t, keep_alive);
+    }
+
+    /// After an answer is queued: back to idle (or closing), then write.
+    fn finish_request(&mut self, t: usize, keep_alive: bool) {
+        let stamp = self.stamp();
+        let idle = self.cfg.limits.idle_timeout;
+        let Some(c) = self.conns.get_mut(t) else { return };
+        c.phase = Phase::Idle;
+        c.stamp = stamp;
+        if !keep_alive {
+            c.close_after_write = true;
+        } else {
+            self.timers.idle.push_back(Timer { at: self.now + idle, token: t, stamp });
+        }
+        if !c.inbuf.is_empty() || c.readable {
+            self.pending.push(t);
+        }
+        self.flush(t);
+    }
+
+    /// Holds a poll, or answers it at once with a buffered message.
+    pub fn hold(&mut self, t: usize, channel: &str, cursor: crate::hub::Cursor, echo: Option<MsgId>, lines: Arc<[u8]>, keep_alive: bool) {
+        let id = self.stamp();
+        match self.hub.poll(channel, cursor, id, t, self.now_secs) {
+            crate::hub::Poll::Message(m) => self.answer_message(t, &lines, m, keep_alive),
+            crate::hub::Poll::Held => {
+                let Some(c) = self.conns.get_mut(t) else { return };
+                c.stamp = id;
+                c.phase = Phase::Held(Box::new(Hold { id, channel: channel.into(), cursor: echo, lines, keep_alive }));
+                self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp: id });
+            }
+        }
+    }
+
+    fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: Arc<Message>, keep_alive: bool) {
+        let Some(c) = self.conns.get_mut(t) else { return };
+        c.out.append(|o| {
+            o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
+        });
+        if !lines.is_empty() {
+            c.out.push(Chunk::Shared(lines.clone()));
+        }
+        c.out.push(Chunk::Msg(m));
+        self.finish_request(t, keep_alive);
+    }
+
+    /// Takes the held poll of connection `t` if it is still hold `id`.
+    fn take_hold(&mut self, t: usize, id: u64) -> Option<Box<Hold>> {
+        let c = self.conns.get_mut(t)?;
+        match &c.phase {
+            Phase::Held(h) if h.id == id && !c.dead => {}
+            _ => return None,
+        }
+        match std::mem::replace(&mut c.phase, Phase::Idle) {
+            Phase::Held(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Publishes a message and answers the held polls it reaches; returns how many.
+    pub fn publish(&mut self, channel: &str, content_type: &str, body: &[u8]) -> usize {
+        let (msg, waiters) = self.hub.publish(channel, content_type, body, self.now_secs);
+        let mut n = 0;
+        for (id, t) in waiters {
+            if let Some(h) = self.take_hold(t, id) {
+                self.answer_message(t, &h.lines, msg.clone(), h.keep_alive);
+                n += 1;
+            }
+        }
+        debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len);
+        n
+    }
+
+    /// Answers held polls that end without a message (408, 410, 503), the cursor echoed.
+    pub fn end_holds(&mut self, waiters: Waiters, status: u16) {
+        for (id, t) in waiters {
+            self.end_hold(t, id, status);
+        }
+    }
+
+    fn end_hold(&mut self, t: usize, id: u64, status: u16) {
+        let Some(h) = self.take_hold(t, id) else { return };
+        let mut lines = String::from_utf8_lossy(&h.lines).into_owned();
+        lines.push_str(&http::cursor_headers(h.cursor));
+        if status == 503 {
+            lines.push_str("Retry-After: 1\r\n");
+        }
+        // A shutdown answer closes: the daemon is going away.
+        self.respond(t, status, &lines, b"", h.keep_alive && status != 503);
+    }
+
+    // ---- write ----
+
+    /// Writes what the socket takes. Closes the connection once it is flushed if asked to, or at
+    /// once if its output has grown past the slow-reader cap.
+    pub fn flush(&mut self, t: usize) {
+        let max_out = self.cfg.limits.max_output_bytes;
+        let Some(c) = self.conns.get_mut(t) else { return };
+        if c.dead {
+            return;
+        }
+        let had_output = !c.out.is_empty();
+        match c.out.flush(&mut c.stream) {
+            Ok(true) => {
+                if c.close_after_write {
+                    self.kill(t);
+                } else if had_output && (!c.inbuf.is_empty() || c.readable) {
+                    // Output drained: input that waited on it may go on.
+                    self.pending.push(t);
+                }
+            }
+            Ok(false) => {
+                if c.out.len() > max_out {
+                    warn!("{:?} connection from {} cut: {} bytes unread (limits.max_output_bytes)", c.kind, c.peer, c.out.len());
+                    self.counters.slow_readers += 1;
+                    self.kill(t);
+                }
+            }
+            Err(e) => {
+                debug!("write to {} failed: {e}", c.peer);
+                self.kill(t);
+            }
+        }
+    }
+
+    /// Marks a connection dead; it is freed before the next poll.
+    pub fn kill(&mut self, t: usize) {
+        if let Some(c) = self.conns.get_mut(t) {
+            if !c.dead {
+                c.dead = true;
+                self.dead.push(t);
+            }
+        }
+    }
+
+    // ---- timers ----
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while self.timers.hold.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.hold.pop_front() else { break };
+            let channel = match self.conns.get(x.token).map(|c| &c.phase) {
+                Some(Phase::Held(h)) if h.id == x.stamp => h.channel.clone(),
+                _ => continue,
+            };
+            self.hub.cancel(&channel, x.stamp);
+            self.end_hold(x.token, x.stamp, 408);
+        }
+        while self.timers.head.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.head.pop_front() else { break };
+            if self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Head | Phase::Body(_)) && !c.dead) {
+                debug!("request head timeout from {}", self.conns[x.token].peer);
+                self.counters.rejected += 1;
+                self.respond(x.token, 408, "", b"request head not received in time", false);
+            }
+        }
+        while self.timers.idle.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.idle.pop_front() else { break };
+            if self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Idle) && c.out.is_empty()) {
+                self.kill(x.token);
+            }
+        }
+        if self.accept_paused_until.is_some_and(|at| at <= now) {
+            self.accept_paused_until = None;
+            self.accept(0, Kind::Browser);
+            self.accept(1, Kind::Control);
+            self.accept(2, Kind::Admin);
+        }
+    }
+
+    // ---- shutdown ----
+
+    fn begin_shutdown(&mut self) {
+        info!("shutting down: {} connections, {} held polls", self.conns.len(), self.hub.held_count());
+        for l in self.listeners.iter_mut() {
+            if let Some(mut l) = l.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
+        }
+        self.stopping = Some(self.now + SHUTDOWN_GRACE);
+        let tokens: Vec<usize> = self.conns.iter().map(|(t, _)| t).collect();
+        for t in tokens {
+            let c = &mut self.conns[t];
+            c.close_after_write = true;
+            if let Phase::Held(h) = &c.phase {
+                let (ch, id) = (h.channel.clone(), h.id);
+                self.hub.cancel(&ch, id);
+                self.end_hold(t, id, 503);
+            } else if c.out.is_empty() {
+                self.kill(t);
+            }
+        }
+    }
+
+    /// The `INFO` text (RESP `INFO`, admin `/status`).
+    pub fn info_text(&self) -> String {
+        let mut browsers = 0;
+        let mut backends = 0;
+        let mut admins = 0;
+        for (_, c) in self.conns.iter() {
+            match c.kind {
+                Kind::Browser => browsers += 1,
+                Kind::Control => backends += 1,
+                Kind::Admin => admins += 1,
+            }
+        }
+        let s = &self.hub.stats;
+        format!(
+            "# Server\r\ncomet_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\nbrowser_listen:{}\r\ncontrol_listen:{}\r\nadmin_listen:{}\r\n\
+             # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\n\
+             # Stats\r\nchannels:{}\r\nsessions:{}\r\nbuffered_messages:{}\r\nmessages_published:{}\r\nmessages_delivered:{}\r\n\
+             total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            self.started.elapsed().as_secs(),
+            self.addrs[0],
+            self.addrs[1],
+            self.addrs[2],
+            self.hub.held_count(),
+            self.hub.channel_count(),
+            self.hub.session_count(),
+            self.hub.buffered_count(),
+            s.published,
+            s.delivered,
+            self.counters.accepted,
+            self.counters.refused,
+            self.counters.rejected,
+            self.counters.slow_readers,
+        )
+    }
+}
