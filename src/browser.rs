@@ -3,7 +3,9 @@
 //! hold the poll in the hub. Compatible with the nginx push module and nchan's long-poll
 //! subscriber (`/sub/<id>`, `/subscribe?id=`, `Last-Modified`/`Etag` cursor, 408 on timeout).
 
-use crate::config::FirstMessage;
+use crate::auth::{self, Verdict};
+use crate::config::{AuthMode, FirstMessage};
+use crate::conn::PendingPoll;
 use crate::http::{self, Method, Request};
 use crate::hub::{self, Cursor};
 use crate::server::Server;
@@ -14,6 +16,26 @@ pub const MY_CHANNEL: &str = "@me";
 
 /// Why a subscribe request is refused.
 struct Refusal(u16, &'static str);
+
+/// What a subscribe target resolves to.
+struct Target {
+    channel: String,
+    sid: String,
+    cursor: Cursor,
+    echo: Option<hub::MsgId>,
+}
+
+/// How a poll's access is decided.
+enum Access {
+    /// Allowed without asking anyone.
+    Open,
+    /// Refused at once.
+    Refused(Refusal),
+    /// Decided from the cache.
+    Cached(Verdict),
+    /// A worker must ask the database or the application.
+    Ask(crate::worker::Task),
+}
 
 impl Server {
     /// CORS header lines for a request from an allowed origin; empty otherwise.
@@ -47,13 +69,25 @@ impl Server {
                 );
                 self.respond(t, 204, &lines, b"", keep_alive)
             }
-            Method::Get => match self.subscribe_target(&req) {
-                Ok((channel, cursor, echo)) => self.hold(t, &channel, cursor, echo, Arc::from(cors.as_bytes()), keep_alive),
-                Err(Refusal(status, why)) => {
-                    self.counters.rejected += 1;
-                    self.respond(t, status, &cors, why.as_bytes(), keep_alive)
-                }
-            },
+            Method::Get => {
+                let refused = match self.subscribe_target(&req) {
+                    Ok(target) => match self.access(t, &req, &target) {
+                        Access::Refused(r) => r,
+                        access => {
+                            let Target { channel, sid, cursor, echo } = target;
+                            let p = PendingPoll { channel, sid, cursor, echo, lines: Arc::from(cors.as_bytes()), keep_alive };
+                            return match access {
+                                Access::Ask(task) => self.submit_check(t, p, task),
+                                Access::Cached(v) => self.access_decided(t, p, v),
+                                _ => self.hold(t, &p.channel, p.cursor, p.echo, p.lines, keep_alive),
+                            };
+                        }
+                    },
+                    Err(r) => r,
+                };
+                self.counters.rejected += 1;
+                self.respond(t, refused.0, &cors, refused.1.as_bytes(), keep_alive)
+            }
             _ => {
                 self.counters.rejected += 1;
                 let lines = format!("{cors}Allow: GET, OPTIONS\r\n");
@@ -62,8 +96,53 @@ impl Server {
         }
     }
 
-    /// The channel, starting cursor and cursor to echo for a subscribe request, or why not.
-    fn subscribe_target(&self, req: &Request) -> Result<(String, Cursor, Option<hub::MsgId>), Refusal> {
+    /// How this poll's access is decided: private channels were checked by `subscribe_target`;
+    /// then open patterns, a signed key, the mode, the cache, and last a worker job.
+    fn access(&mut self, t: usize, req: &Request, target: &Target) -> Access {
+        let a = self.auth_cfg.clone();
+        let (channel, sid) = (target.channel.as_str(), target.sid.as_str());
+        if channel.starts_with(hub::SESSION_PREFIX) || a.open_channels.iter().any(|p| auth::pattern_match(p, channel)) {
+            return Access::Open;
+        }
+        if let Some(key) = http::query_arg(&req.query, "key") {
+            let expires = http::query_arg(&req.query, "expires").flatten().and_then(|e| e.parse::<u64>().ok());
+            let ok = match (key, expires, a.key_secret.is_empty()) {
+                (Some(key), Some(exp), false) => {
+                    auth::verify(&a.key_secret, channel, sid, &key, exp, self.now_secs)
+                        || auth::verify(&a.key_secret, channel, "", &key, exp, self.now_secs)
+                }
+                _ => false,
+            };
+            return if ok { Access::Open } else { Access::Refused(Refusal(403, "bad or expired key")) };
+        }
+        match a.mode {
+            AuthMode::None => return Access::Open,
+            AuthMode::Key => return Access::Refused(Refusal(403, "this channel needs a signed key")),
+            AuthMode::Sqlite if sid.is_empty() => return Access::Refused(Refusal(403, "no session")),
+            AuthMode::Sqlite | AuthMode::Http => {}
+        }
+        if let Some(v) = self.auth_cache.get(sid, channel, self.now) {
+            self.counters.auth_cache_hits += 1;
+            return Access::Cached(v);
+        }
+        let (sid, channel) = (sid.to_string(), channel.to_string());
+        if a.mode == AuthMode::Sqlite {
+            return Access::Ask(Box::new(move |res| {
+                crate::worker::Outcome::Access(auth::check_sqlite(res.auth_db.as_ref(), &a, &sid, &channel))
+            }));
+        }
+        let cb = auth::CallbackRequest {
+            cookie: req.cookie.clone().unwrap_or_default(),
+            sid,
+            channel,
+            client: self.conns[t].peer.ip().to_string(),
+            uri: if req.query.is_empty() { req.path.clone() } else { format!("{}?{}", req.path, req.query) },
+        };
+        Access::Ask(Box::new(move |res| crate::worker::Outcome::Access(auth::check_http(&res.http, &a.url, &cb))))
+    }
+
+    /// The channel, session, starting cursor and cursor to echo for a subscribe request.
+    fn subscribe_target(&self, req: &Request) -> Result<Target, Refusal> {
         let raw = if let Some(rest) = req.path.strip_prefix("/sub/") {
             rest.to_string()
         } else if req.path == "/subscribe" || req.path == "/sub" {
@@ -102,6 +181,6 @@ impl Server {
             (None, FirstMessage::Oldest) => Cursor::Oldest,
             (None, FirstMessage::Newest) => Cursor::Newest,
         };
-        Ok((channel, cursor, echo))
+        Ok(Target { channel, sid: sid.unwrap_or("").to_string(), cursor, echo })
     }
 }

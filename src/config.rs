@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The validated configuration.
@@ -27,6 +27,69 @@ pub struct Config {
     pub channels: Channels,
     /// Caps on what a peer may send or hold.
     pub limits: Limits,
+    /// The worker pool for blocking work.
+    pub workers: Workers,
+    /// Access checks.
+    pub auth: Auth,
+}
+
+/// The worker pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Workers {
+    /// Worker threads.
+    pub threads: usize,
+    /// Jobs waiting at most; beyond it a request gets `503` at once.
+    pub queue: usize,
+    /// Longest a browser waits for a job's answer before `504`.
+    pub job_timeout: Duration,
+}
+
+/// How a poll on a shared channel is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Every shared channel is open.
+    None,
+    /// Queries on the application's SQLite database.
+    Sqlite,
+    /// A request to the application server.
+    Http,
+    /// Only a signed key (or an open pattern) allows.
+    Key,
+}
+
+impl AuthMode {
+    /// The name as written in `server.toml`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::None => "none",
+            AuthMode::Sqlite => "sqlite",
+            AuthMode::Http => "http",
+            AuthMode::Key => "key",
+        }
+    }
+}
+
+/// Access checks.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The mode.
+    pub mode: AuthMode,
+    /// SQLite database file (mode sqlite).
+    pub database: PathBuf,
+    /// Query with `:sid`; a row means a valid session, its first column the user id.
+    pub session_query: String,
+    /// Query with `:channel` and `:user` (and optionally `:sid`); a row means allowed.
+    pub channel_query: String,
+    /// Callback URL (mode http).
+    pub url: String,
+    /// Channel patterns anyone may read without a check (`*` matches any run of characters).
+    pub open_channels: Vec<String>,
+    /// How long an answer (allowed or denied) is reused.
+    pub cache_ttl: Duration,
+    /// Most cached answers; the oldest go first.
+    pub cache_max_entries: usize,
+    /// Secret for signed subscribe keys; empty disables them.
+    pub key_secret: String,
 }
 
 /// Browser listener settings.
@@ -106,6 +169,52 @@ struct Raw {
     admin: RawAdmin,
     channels: RawChannels,
     limits: RawLimits,
+    workers: RawWorkers,
+    auth: RawAuth,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWorkers {
+    threads: u64,
+    queue: u64,
+    job_timeout_ms: u64,
+}
+
+impl Default for RawWorkers {
+    fn default() -> Self {
+        RawWorkers { threads: 4, queue: 1024, job_timeout_ms: 5000 }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAuth {
+    mode: String,
+    database: String,
+    session_query: String,
+    channel_query: String,
+    url: String,
+    open_channels: Vec<String>,
+    cache_ttl_secs: u64,
+    cache_max_entries: u64,
+    key_secret: String,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            mode: "none".into(),
+            database: String::new(),
+            session_query: String::new(),
+            channel_query: String::new(),
+            url: String::new(),
+            open_channels: Vec::new(),
+            cache_ttl_secs: 10,
+            cache_max_entries: 100_000,
+            key_secret: String::new(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -310,7 +419,16 @@ impl Config {
         if limits.max_output_bytes < limits.max_message_bytes + 4096 {
             return err("limits.max_output_bytes", "must exceed limits.max_message_bytes by at least 4096 (one message must fit)");
         }
+        let w = raw.workers;
+        let workers = Workers {
+            threads: range("workers.threads", w.threads, 1, 256)? as usize,
+            queue: range("workers.queue", w.queue, 1, 1_000_000)? as usize,
+            job_timeout: Duration::from_millis(range("workers.job_timeout_ms", w.job_timeout_ms, 10, 600_000)?),
+        };
+        let auth = Config::validate_auth(raw.auth)?;
         Ok(Config {
+            workers,
+            auth,
             log_level,
             browser,
             control_listen,
@@ -318,6 +436,54 @@ impl Config {
             admin_listen,
             channels,
             limits,
+        })
+    }
+}
+
+impl Config {
+    fn validate_auth(a: RawAuth) -> Result<Auth, ConfigError> {
+        let mode = match a.mode.as_str() {
+            "none" => AuthMode::None,
+            "sqlite" => AuthMode::Sqlite,
+            "http" => AuthMode::Http,
+            "key" => AuthMode::Key,
+            other => return err("auth.mode", format!("{other:?} is not one of \"none\", \"sqlite\", \"http\", \"key\"")),
+        };
+        for p in &a.open_channels {
+            if p.is_empty() || !p.bytes().all(|b| b == b'*' || b.is_ascii_alphanumeric() || b"_-.:~,".contains(&b)) {
+                return err("auth.open_channels", format!("{p:?} is not a channel pattern (channel id characters and *)"));
+            }
+        }
+        if mode == AuthMode::Sqlite {
+            if a.database.is_empty() {
+                return err("auth.database", "mode \"sqlite\" needs the database file");
+            }
+            if !a.session_query.contains(":sid") {
+                return err("auth.session_query", "must use the parameter :sid");
+            }
+            if !a.channel_query.contains(":channel") {
+                return err("auth.channel_query", "must use the parameter :channel");
+            }
+        }
+        if mode == AuthMode::Http && !a.url.starts_with("http://") {
+            return err("auth.url", format!("{:?}: mode \"http\" needs an http:// URL (no TLS: keep the callback on a trusted network)", a.url));
+        }
+        if mode == AuthMode::Key && a.key_secret.is_empty() {
+            return err("auth.key_secret", "mode \"key\" needs a secret");
+        }
+        if !a.key_secret.is_empty() && a.key_secret.len() < 16 {
+            return err("auth.key_secret", "needs at least 16 characters");
+        }
+        Ok(Auth {
+            mode,
+            database: PathBuf::from(a.database),
+            session_query: a.session_query,
+            channel_query: a.channel_query,
+            url: a.url,
+            open_channels: a.open_channels,
+            cache_ttl: Duration::from_secs(range("auth.cache_ttl_secs", a.cache_ttl_secs, 0, 86_400)?),
+            cache_max_entries: range("auth.cache_max_entries", a.cache_max_entries, 0, 100_000_000)? as usize,
+            key_secret: a.key_secret,
         })
     }
 }
@@ -356,6 +522,12 @@ mod tests {
             ("[control.tokens]\nphp = \"short\"\n", "control.tokens.php"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             ("[channels]\nbuffer_length = 0\n", "channels.buffer_length"),
+            ("[auth]\nmode = \"ldap\"\n", "auth.mode"),
+            ("[auth]\nmode = \"sqlite\"\n", "auth.database"),
+            ("[auth]\nmode = \"http\"\nurl = \"https://x\"\n", "auth.url"),
+            ("[auth]\nmode = \"key\"\n", "auth.key_secret"),
+            ("[auth]\nopen_channels = [\"a b\"]\n", "auth.open_channels"),
+            ("[workers]\nthreads = 0\n", "workers.threads"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

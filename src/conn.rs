@@ -26,7 +26,8 @@ pub enum Kind {
 
 /// The phase of an HTTP connection. Legal moves:
 /// `Idle -> Head` (first byte) `-> Body` (head with a body) `-> Idle` (answered, keep-alive) or
-/// `-> Held` (a poll that waits) `-> Idle` (answered); any phase -> closed.
+/// `-> Authorizing` (a worker checks access) `-> Held` (a poll that waits) `-> Idle` (answered);
+/// any phase -> closed.
 /// RESP connections stay `Idle` and are driven by their input alone.
 #[derive(Debug)]
 pub enum Phase {
@@ -36,8 +37,28 @@ pub enum Phase {
     Head,
     /// A head arrived; waiting for `Request::content_length` body bytes.
     Body(Box<crate::http::Request>),
+    /// A poll waiting for its access check (a worker job); the job's ticket carries this
+    /// connection's stamp.
+    Authorizing(Box<PendingPoll>),
     /// A poll held on a channel until a message, a timeout, a delete or shutdown.
     Held(Box<Hold>),
+}
+
+/// A poll whose access check is running on a worker.
+#[derive(Debug)]
+pub struct PendingPoll {
+    /// The channel asked for.
+    pub channel: String,
+    /// The session id ("" when anonymous), the cache key with the channel.
+    pub sid: String,
+    /// Where to start reading once allowed.
+    pub cursor: crate::hub::Cursor,
+    /// The cursor to echo on 408.
+    pub echo: Option<MsgId>,
+    /// CORS lines for the answer.
+    pub lines: Arc<[u8]>,
+    /// Whether the connection stays open after the answer.
+    pub keep_alive: bool,
 }
 
 /// What a held poll needs to be answered later.

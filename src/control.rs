@@ -68,8 +68,10 @@ impl Server {
         let name = String::from_utf8_lossy(&args[0]).into_owned();
         let upper = name.to_ascii_uppercase();
         let argc = args.len();
+        // Client libraries send SELECT / CLIENT SETNAME / COMMAND while connecting, sometimes
+        // before AUTH; they touch nothing but this connection, so they need no token.
         let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
-        let reply = if !authed && !matches!(upper.as_str(), "AUTH" | "PING" | "QUIT") {
+        let reply = if !authed && !matches!(upper.as_str(), "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
             Reply::Error("NOAUTH Authentication required.".into())
         } else {
             match upper.as_str() {
@@ -118,7 +120,10 @@ impl Server {
                     _ => Reply::Error("ERR invalid session id".into()),
                 },
                 "INFO" if argc <= 2 => Reply::Bulk(self.info_text().into_bytes()),
-                "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" => arity(&name),
+                "AUTH.FLUSH" if argc <= 3 => self.auth_flush(&args[1..]),
+                "SIGN" if (2..=4).contains(&argc) => self.sign(&args[1..]),
+                "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" | "AUTH.FLUSH"
+                | "SIGN" => arity(&name),
                 _ => Reply::Error(format!("ERR unknown command '{}'", name.replace(['\r', '\n'], " "))),
             }
         };
@@ -162,6 +167,42 @@ impl Server {
                 Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
             }
         }
+    }
+
+    /// `AUTH.FLUSH` (everything), `AUTH.FLUSH SESSION <sid>`, `AUTH.FLUSH CHANNEL <channel>`:
+    /// forget cached access verdicts, e.g. after the application changed a user's rights.
+    fn auth_flush(&mut self, args: &[Vec<u8>]) -> Reply {
+        let what = args.first().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase());
+        let arg = args.get(1).map(|a| String::from_utf8_lossy(a).into_owned());
+        let n = match (what.as_deref(), arg) {
+            (None, None) => self.auth_cache.clear(),
+            (Some("SESSION"), Some(sid)) => self.auth_cache.flush_session(&sid),
+            (Some("CHANNEL"), Some(ch)) => self.auth_cache.flush_channel(&ch),
+            _ => return Reply::Error("ERR syntax: AUTH.FLUSH [SESSION <sid> | CHANNEL <channel>]".into()),
+        };
+        Reply::Int(n as i64)
+    }
+
+    /// `SIGN <channel> [sid] [ttl-secs]`: the query string (`key=...&expires=...`) that lets a
+    /// page read `channel` (as session `sid`, or any session when empty) for `ttl` seconds.
+    fn sign(&mut self, args: &[Vec<u8>]) -> Reply {
+        let secret = &self.auth_cfg.key_secret;
+        if secret.is_empty() {
+            return Reply::Error("ERR signed keys are off: set [auth] key_secret".into());
+        }
+        let channel = String::from_utf8_lossy(&args[0]);
+        if !hub::valid_channel(&channel, self.cfg.limits.max_channel_id_bytes) {
+            return Reply::Error("ERR invalid channel id".into());
+        }
+        let sid = args.get(1).map(|s| String::from_utf8_lossy(s).into_owned()).unwrap_or_default();
+        let ttl = match args.get(2).map(|t| std::str::from_utf8(t).ok().and_then(|t| t.parse::<u64>().ok())) {
+            None => 3600,
+            Some(Some(t)) if t > 0 && t <= 366 * 86_400 => t,
+            Some(_) => return Reply::Error("ERR ttl must be a number of seconds from 1 to 31622400".into()),
+        };
+        let expires = self.now_secs + ttl;
+        let key = crate::auth::sign(secret, &channel, &sid, expires);
+        Reply::Bulk(format!("key={key}&expires={expires}").into_bytes())
     }
 
     fn client(&mut self, t: usize, args: &[Vec<u8>]) -> Reply {

@@ -14,6 +14,8 @@
 //! browser.rs   a poll: identify the session, check the channel, hold or answer
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
 //! admin.rs     the push module's publisher endpoint, /status
+//! auth.rs      access checks: open patterns, signed keys, cache; SQLite and HTTP jobs
+//! worker.rs    the pool that runs blocking jobs, answering through the loop's Waker
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
 //! time.rs      HTTP dates and log stamps
 //! log.rs       one line per event on stderr
@@ -22,6 +24,7 @@
 //! `docs/architecture.md` walks one request through these files.
 
 pub mod admin;
+pub mod auth;
 pub mod browser;
 pub mod config;
 pub mod conn;
@@ -32,3 +35,4 @@ pub mod log;
 pub mod resp;
 pub mod server;
 pub mod time;
+pub mod worker;

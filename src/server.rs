@@ -11,7 +11,9 @@
 //! outlived its connection or phase is recognised and skipped.
 
 use crate::config::Config;
-use crate::conn::{Chunk, Conn, Hold, Kind, OutQueue, Phase};
+use crate::auth::{self, Verdict};
+use crate::conn::{Chunk, Conn, Hold, Kind, OutQueue, PendingPoll, Phase};
+use crate::worker::{self, Outcome, Pool, Ticket};
 use crate::hub::{Hub, Message, MsgId, Waiters};
 use crate::{debug, http, info, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -66,6 +68,8 @@ struct Timers {
     head: VecDeque<Timer>,
     /// Keep-alive HTTP connections between requests: `idle_timeout` -> close.
     idle: VecDeque<Timer>,
+    /// Polls waiting for a worker's access check: `job_timeout` -> 504.
+    job: VecDeque<Timer>,
 }
 
 /// Counters for `INFO` and `/status`.
@@ -79,6 +83,14 @@ pub struct Counters {
     pub rejected: u64,
     /// Connections cut for not reading their output.
     pub slow_readers: u64,
+    /// Access checks answered from the cache.
+    pub auth_cache_hits: u64,
+    /// Access-check jobs submitted to the pool.
+    pub auth_jobs: u64,
+    /// Jobs refused because the queue was full (503).
+    pub jobs_refused: u64,
+    /// Jobs whose answer came too late (504).
+    pub jobs_timed_out: u64,
 }
 
 /// The daemon's state, owned by the loop thread.
@@ -99,6 +111,12 @@ pub struct Server {
     pub started: Instant,
     /// Bound addresses: browser, control, admin.
     pub addrs: [SocketAddr; 3],
+    /// The worker pool.
+    pub pool: Pool,
+    /// Cached access verdicts.
+    pub auth_cache: auth::Cache,
+    /// The access-check settings, shared with worker jobs.
+    pub auth_cfg: Arc<crate::config::Auth>,
     poll: Poll,
     listeners: [Option<TcpListener>; 3],
     timers: Timers,
@@ -148,7 +166,25 @@ impl Server {
         let a = bind(&poll, cfg.admin_listen, ADMIN, "admin")?;
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
         let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
+        let auth_cfg = Arc::new(cfg.auth.clone());
+        if auth_cfg.mode == crate::config::AuthMode::Sqlite {
+            auth::validate_sqlite(&auth_cfg).map_err(StartError)?;
+        }
+        let pool = {
+            let a = auth_cfg.clone();
+            let job_timeout = cfg.workers.job_timeout;
+            Pool::start(cfg.workers.threads, cfg.workers.queue, waker.clone(), move || worker::Resources {
+                auth_db: (a.mode == crate::config::AuthMode::Sqlite)
+                    .then(|| auth::open_db(&a, job_timeout))
+                    .and_then(|r| r.map_err(|e| crate::error!("worker cannot open {}: {e}", a.database.display())).ok()),
+                http: ureq::AgentBuilder::new().timeout(job_timeout).redirects(0).build(),
+            })
+            .map_err(|e| StartError(format!("cannot start the worker threads: {e}")))?
+        };
         Ok(Server {
+            pool,
+            auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
+            auth_cfg,
             hub: Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs),
             conns: Slab::with_capacity(1024),
             counters: Counters::default(),
@@ -245,7 +281,7 @@ impl Server {
 
     fn next_timeout(&self) -> Option<Duration> {
         let mut next = self.now + Duration::from_secs(1);
-        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle] {
+        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle, &self.timers.job] {
             if let Some(t) = q.front() {
                 next = next.min(t.at);
             }
@@ -260,8 +296,62 @@ impl Server {
     }
 
     fn woken(&mut self) {
+        while let Ok(done) = self.pool.results.try_recv() {
+            self.job_done(done.ticket, done.outcome);
+        }
         if self.handle.shutdown.load(Ordering::SeqCst) && self.stopping.is_none() {
             self.begin_shutdown();
+        }
+    }
+
+    /// A worker finished a job: act on it if its connection is still waiting for it.
+    fn job_done(&mut self, ticket: Ticket, outcome: Outcome) {
+        let Some(c) = self.conns.get_mut(ticket.token) else { return };
+        if c.dead || c.stamp != ticket.stamp || !matches!(c.phase, Phase::Authorizing(_)) {
+            // The browser left, or the check timed out (504 already sent): the answer is moot.
+            return;
+        }
+        let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { return };
+        let verdict = match outcome {
+            Outcome::Access(v) => v,
+            Outcome::Failed => Verdict::Deny(503),
+        };
+        // Transient failures (database locked, callback down) are not remembered.
+        if !matches!(verdict, Verdict::Deny(503 | 504)) {
+            self.auth_cache.put(&p.sid, &p.channel, verdict.clone(), self.now);
+        }
+        self.access_decided(ticket.token, *p, verdict);
+    }
+
+    /// Continues a poll once its access is known.
+    pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll, verdict: Verdict) {
+        match verdict {
+            Verdict::Allow(_) => self.hold(t, &p.channel, p.cursor, p.echo, p.lines, p.keep_alive),
+            Verdict::Deny(status) => {
+                self.counters.rejected += 1;
+                let lines = String::from_utf8_lossy(&p.lines).into_owned();
+                let retry = if status == 503 { "Retry-After: 1\r\n" } else { "" };
+                self.respond(t, status, &format!("{lines}{retry}"), b"access denied", p.keep_alive)
+            }
+        }
+    }
+
+    /// Sends a poll's access check to the pool. A full queue answers 503 at once.
+    pub(crate) fn submit_check(&mut self, t: usize, p: PendingPoll, task: worker::Task) {
+        let stamp = self.stamp();
+        match self.pool.submit(Ticket { token: t, stamp }, task) {
+            Ok(()) => {
+                self.counters.auth_jobs += 1;
+                let Some(c) = self.conns.get_mut(t) else { return };
+                c.stamp = stamp;
+                c.phase = Phase::Authorizing(Box::new(p));
+                self.timers.job.push_back(Timer { at: self.now + self.cfg.workers.job_timeout, token: t, stamp });
+            }
+            Err(worker::Busy) => {
+                self.counters.jobs_refused += 1;
+                warn!("worker queue full ({} jobs): poll on {} refused with 503", self.cfg.workers.queue, p.channel);
+                self.access_decided(t, p, Verdict::Deny(503));
+            }
         }
     }
 
@@ -376,7 +466,7 @@ impl Server {
         if c.eof && !c.dead {
             // The peer is gone or half-closed: a held poll has no one to answer; anything else
             // gets its pending answers flushed, then the connection closes.
-            if matches!(c.phase, Phase::Held(_)) || c.out.is_empty() {
+            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_)) || c.out.is_empty() {
                 self.kill(t);
             } else {
                 c.close_after_write = true;
@@ -404,7 +494,7 @@ impl Server {
                 return;
             }
             match &c.phase {
-                Phase::Held(_) => return,
+                Phase::Held(_) | Phase::Authorizing(_) => return,
                 Phase::Body(req) => {
                     let need = req.content_length;
                     if c.inbuf.len() < need {
@@ -639,6 +729,17 @@ impl Server {
             self.hub.cancel(&channel, x.stamp);
             self.end_hold(x.token, x.stamp, 408);
         }
+        while self.timers.job.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.job.pop_front() else { break };
+            let waiting = self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Authorizing(_)) && !c.dead);
+            if waiting {
+                let c = &mut self.conns[x.token];
+                let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { continue };
+                self.counters.jobs_timed_out += 1;
+                warn!("access check for {} timed out (workers.job_timeout_ms): 504", p.channel);
+                self.access_decided(x.token, *p, Verdict::Deny(504));
+            }
+        }
         while self.timers.head.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.head.pop_front() else { break };
             if self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Head | Phase::Body(_)) && !c.dead) {
@@ -702,7 +803,9 @@ impl Server {
             "# Server\r\ncomet_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\nbrowser_listen:{}\r\ncontrol_listen:{}\r\nadmin_listen:{}\r\n\
              # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\n\
              # Stats\r\nchannels:{}\r\nsessions:{}\r\nbuffered_messages:{}\r\nmessages_published:{}\r\nmessages_delivered:{}\r\n\
-             total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n",
+             total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n\
+             # Auth\r\nauth_mode:{}\r\nauth_cache_entries:{}\r\nauth_cache_hits:{}\r\nauth_jobs:{}\r\nauth_db_queries:{}\r\nauth_http_requests:{}\r\n\
+             jobs_queued:{}\r\njobs_refused:{}\r\njobs_timed_out:{}\r\n",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             self.started.elapsed().as_secs(),
@@ -719,6 +822,15 @@ impl Server {
             self.counters.refused,
             self.counters.rejected,
             self.counters.slow_readers,
+            self.auth_cfg.mode.name(),
+            self.auth_cache.len(),
+            self.counters.auth_cache_hits,
+            self.counters.auth_jobs,
+            auth::DB_QUERIES.load(Ordering::Relaxed),
+            auth::HTTP_REQUESTS.load(Ordering::Relaxed),
+            self.pool.queued(),
+            self.counters.jobs_refused,
+            self.counters.jobs_timed_out,
         )
     }
 }
