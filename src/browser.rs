@@ -48,7 +48,7 @@ impl Server {
         // The exact origin, never `*`: browsers refuse `*` on credentialed (cookie) requests.
         format!(
             "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\n\
-             Access-Control-Expose-Headers: Last-Modified, Etag, Content-Type\r\nVary: Origin\r\n"
+             Access-Control-Expose-Headers: Last-Modified, Etag, Content-Type, X-Comet-Channel\r\nVary: Origin\r\n"
         )
     }
 
@@ -79,7 +79,7 @@ impl Server {
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),
-                                _ => self.hold(t, &p.channel, p.cursor, p.echo, p.lines, keep_alive),
+                                _ => self.hold(t, p, None),
                             };
                         }
                     },
@@ -165,6 +165,9 @@ impl Server {
         };
         if !hub::valid_channel(&channel, self.cfg.limits.max_channel_id_bytes) {
             return Err(Refusal(400, "bad channel id"));
+        }
+        if sid.is_some_and(|s| self.hub.is_kicked(s)) {
+            return Err(Refusal(403, "session kicked: the application must open it again"));
         }
         if let Some(owner) = channel.strip_prefix(hub::SESSION_PREFIX) {
             // Private: the cookie must be the owner's, and the backend must have opened it.

@@ -31,6 +31,21 @@ pub struct Config {
     pub workers: Workers,
     /// Access checks.
     pub auth: Auth,
+    /// Presence tracking.
+    pub presence: PresenceCfg,
+}
+
+/// Presence tracking.
+#[derive(Debug, Clone)]
+pub struct PresenceCfg {
+    /// How long a session stays online (and on a channel) after its last poll ended.
+    pub grace: Duration,
+    /// SQLite database to keep presence rows in; None = off.
+    pub database: Option<PathBuf>,
+    /// Table for the rows.
+    pub table: String,
+    /// This daemon's name in the rows' `daemon` column; its old rows are deleted at start.
+    pub instance: String,
 }
 
 /// The worker pool.
@@ -171,6 +186,22 @@ struct Raw {
     limits: RawLimits,
     workers: RawWorkers,
     auth: RawAuth,
+    presence: RawPresence,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPresence {
+    grace_secs: u64,
+    database: String,
+    table: String,
+    instance: String,
+}
+
+impl Default for RawPresence {
+    fn default() -> Self {
+        RawPresence { grace_secs: 15, database: String::new(), table: "comet_online".into(), instance: "comet".into() }
+    }
 }
 
 #[derive(Deserialize)]
@@ -426,7 +457,18 @@ impl Config {
             job_timeout: Duration::from_millis(range("workers.job_timeout_ms", w.job_timeout_ms, 10, 600_000)?),
         };
         let auth = Config::validate_auth(raw.auth)?;
+        let p = raw.presence;
+        if p.table.is_empty() || p.table.len() > 64 || !p.table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || p.table.as_bytes()[0].is_ascii_digit() {
+            return err("presence.table", format!("{:?} is not a plain SQL table name (letters, digits, _)", p.table));
+        }
+        let presence = PresenceCfg {
+            grace: Duration::from_secs(range("presence.grace_secs", p.grace_secs, 1, 3600)?),
+            database: (!p.database.is_empty()).then(|| PathBuf::from(p.database)),
+            table: p.table,
+            instance: p.instance,
+        };
         Ok(Config {
+            presence,
             workers,
             auth,
             log_level,
@@ -528,6 +570,8 @@ mod tests {
             ("[auth]\nmode = \"key\"\n", "auth.key_secret"),
             ("[auth]\nopen_channels = [\"a b\"]\n", "auth.open_channels"),
             ("[workers]\nthreads = 0\n", "workers.threads"),
+            ("[presence]\ntable = \"x; DROP TABLE y\"\n", "presence.table"),
+            ("[presence]\ngrace_secs = 0\n", "presence.grace_secs"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

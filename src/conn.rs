@@ -68,6 +68,8 @@ pub struct Hold {
     pub id: u64,
     /// The channel it waits on.
     pub channel: Box<str>,
+    /// The session polling ("" when anonymous), for presence.
+    pub sid: Box<str>,
     /// The request's cursor, echoed on 408/503.
     pub cursor: Option<MsgId>,
     /// This request's CORS lines (may be empty), shared with the output queue on delivery.
@@ -201,6 +203,8 @@ pub struct Conn {
     pub auth: Option<Box<str>>,
     /// `CLIENT SETNAME` value.
     pub name: Option<Box<str>>,
+    /// Channels this backend is subscribed to (`SUBSCRIBE`): it is in pub/sub mode when any.
+    pub subs: std::collections::HashSet<Box<str>>,
     /// The peer closed its side (read returned 0).
     pub eof: bool,
     /// Marked for reaping before the next poll; nothing more is done with it.

@@ -24,6 +24,29 @@ enum Reply {
     Bulk(Vec<u8>),
     Null,
     EmptyArray,
+    /// An already encoded reply (arrays, several pub/sub confirmations).
+    Raw(Vec<u8>),
+}
+
+/// An array of bulk strings.
+fn strings<'a>(items: impl ExactSizeIterator<Item = &'a str>) -> Reply {
+    let mut o = Vec::new();
+    resp::array_len(&mut o, items.len());
+    for i in items {
+        resp::bulk(&mut o, i.as_bytes());
+    }
+    Reply::Raw(o)
+}
+
+/// Sessions with their user ids, flat: `sid1 user1 sid2 user2 ...` (an unknown user is "").
+fn sessions(list: &[(String, Option<String>)]) -> Reply {
+    let mut o = Vec::new();
+    resp::array_len(&mut o, list.len() * 2);
+    for (sid, user) in list {
+        resp::bulk(&mut o, sid.as_bytes());
+        resp::bulk(&mut o, user.as_deref().unwrap_or("").as_bytes());
+    }
+    Reply::Raw(o)
 }
 
 fn arity(name: &str) -> Reply {
@@ -71,8 +94,21 @@ impl Server {
         // Client libraries send SELECT / CLIENT SETNAME / COMMAND while connecting, sometimes
         // before AUTH; they touch nothing but this connection, so they need no token.
         let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
+        let subscribed = !self.conns[t].subs.is_empty();
         let reply = if !authed && !matches!(upper.as_str(), "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
             Reply::Error("NOAUTH Authentication required.".into())
+        } else if subscribed && !matches!(upper.as_str(), "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT") {
+            // As Redis (RESP2): a connection in pub/sub mode only receives messages.
+            Reply::Error(format!(
+                "ERR Can't execute '{}': only SUBSCRIBE / UNSUBSCRIBE / PING / QUIT are allowed in this context",
+                name.to_ascii_lowercase()
+            ))
+        } else if subscribed && upper == "PING" {
+            let mut o = Vec::new();
+            resp::array_len(&mut o, 2);
+            resp::bulk(&mut o, b"pong");
+            resp::bulk(&mut o, args.get(1).map_or(&b""[..], |a| &a[..]));
+            Reply::Raw(o)
         } else {
             match upper.as_str() {
                 "PING" => match argc {
@@ -109,21 +145,36 @@ impl Server {
                     _ => Reply::Error("ERR invalid session id".into()),
                 },
                 "SESSION.CLOSE" if argc == 2 => match std::str::from_utf8(&args[1]) {
-                    Ok(sid) if hub::valid_session(sid) => match self.hub.close_session(sid) {
-                        Some(waiters) => {
-                            crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
-                            self.end_holds(waiters, 410);
-                            Reply::Int(1)
+                    Ok(sid) if hub::valid_session(sid) => {
+                        let joined: Vec<Box<str>> = self.hub.session(sid).map(|s| s.joined.iter().cloned().collect()).unwrap_or_default();
+                        match self.hub.close_session(sid) {
+                            Some(waiters) => {
+                                crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
+                                self.end_holds(waiters, 410);
+                                for ch in joined {
+                                    self.presence.leave(sid, &ch, &mut self.events);
+                                }
+                                Reply::Int(1)
+                            }
+                            None => Reply::Int(0),
                         }
-                        None => Reply::Int(0),
-                    },
+                    }
                     _ => Reply::Error("ERR invalid session id".into()),
                 },
                 "INFO" if argc <= 2 => Reply::Bulk(self.info_text().into_bytes()),
                 "AUTH.FLUSH" if argc <= 3 => self.auth_flush(&args[1..]),
+                "SUBSCRIBE" if argc >= 2 => self.subscribe(t, &args[1..]),
+                "UNSUBSCRIBE" => self.unsubscribe(t, &args[1..]),
+                "ONLINE" if argc == 1 => sessions(&self.presence.online()),
+                "ONLINE" if argc == 2 && args[1].eq_ignore_ascii_case(b"COUNT") => Reply::Int(self.presence.online_count() as i64),
+                "ONLINE" if argc == 2 => Reply::Error("ERR syntax: ONLINE [COUNT]".into()),
+                "PRESENCE" if argc == 2 => sessions(&self.presence.on_channel(&String::from_utf8_lossy(&args[1]))),
+                "PUBSUB" if argc >= 2 => self.pubsub(&args[1..]),
+                "JOIN" | "LEAVE" if argc == 3 => self.join_leave(upper == "JOIN", &args[1], &args[2]),
+                "KICK" if argc == 2 => self.kick(&args[1]),
                 "SIGN" if (2..=4).contains(&argc) => self.sign(&args[1..]),
                 "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" | "AUTH.FLUSH"
-                | "SIGN" => arity(&name),
+                | "SIGN" | "SUBSCRIBE" | "ONLINE" | "PRESENCE" | "PUBSUB" | "JOIN" | "LEAVE" | "KICK" => arity(&name),
                 _ => Reply::Error(format!("ERR unknown command '{}'", name.replace(['\r', '\n'], " "))),
             }
         };
@@ -135,6 +186,7 @@ impl Server {
             Reply::Bulk(b) => resp::bulk(o, &b),
             Reply::Null => resp::null_bulk(o),
             Reply::EmptyArray => resp::array_len(o, 0),
+            Reply::Raw(b) => o.extend_from_slice(&b),
         });
     }
 
@@ -167,6 +219,130 @@ impl Server {
                 Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
             }
         }
+    }
+
+    /// `SUBSCRIBE ch [ch ...]`: this backend receives what is published on those channels, and
+    /// presence events on `__presence__`. One confirmation per channel, as Redis.
+    fn subscribe(&mut self, t: usize, chans: &[Vec<u8>]) -> Reply {
+        let mut o = Vec::new();
+        for ch in chans {
+            let name = String::from_utf8_lossy(ch).into_owned();
+            let c = &mut self.conns[t];
+            if c.subs.insert(name.as_str().into()) {
+                self.backend_subs.entry(name.as_str().into()).or_default().insert(t);
+            }
+            resp::array_len(&mut o, 3);
+            resp::bulk(&mut o, b"subscribe");
+            resp::bulk(&mut o, name.as_bytes());
+            resp::integer(&mut o, self.conns[t].subs.len() as i64);
+        }
+        Reply::Raw(o)
+    }
+
+    /// `UNSUBSCRIBE [ch ...]` (none: all).
+    fn unsubscribe(&mut self, t: usize, chans: &[Vec<u8>]) -> Reply {
+        let names: Vec<Box<str>> = if chans.is_empty() {
+            self.conns[t].subs.iter().cloned().collect()
+        } else {
+            chans.iter().map(|c| String::from_utf8_lossy(c).into_owned().into_boxed_str()).collect()
+        };
+        let mut o = Vec::new();
+        if names.is_empty() {
+            resp::array_len(&mut o, 3);
+            resp::bulk(&mut o, b"unsubscribe");
+            resp::null_bulk(&mut o);
+            resp::integer(&mut o, 0);
+        }
+        for name in names {
+            self.conns[t].subs.remove(&name);
+            if let Some(set) = self.backend_subs.get_mut(&name) {
+                set.remove(&t);
+                if set.is_empty() {
+                    self.backend_subs.remove(&name);
+                }
+            }
+            resp::array_len(&mut o, 3);
+            resp::bulk(&mut o, b"unsubscribe");
+            resp::bulk(&mut o, name.as_bytes());
+            resp::integer(&mut o, self.conns[t].subs.len() as i64);
+        }
+        Reply::Raw(o)
+    }
+
+    /// `PUBSUB CHANNELS [pattern]`, `PUBSUB NUMSUB [ch ...]`, `PUBSUB NUMPAT`: channels with
+    /// subscribers (browsers on them, anonymous held polls, subscribed backends) and their counts.
+    fn pubsub(&mut self, args: &[Vec<u8>]) -> Reply {
+        let sub = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+        let numsub = |s: &Server, ch: &str| s.presence.numsub(ch) + s.backend_subs.get(ch).map_or(0, |b| b.len());
+        match (sub.as_str(), args.len()) {
+            ("CHANNELS", 1 | 2) => {
+                let pattern = args.get(1).map(|p| String::from_utf8_lossy(p).into_owned());
+                let mut all = self.presence.channels();
+                all.extend(self.backend_subs.keys().map(|k| k.to_string()));
+                all.sort();
+                all.dedup();
+                all.retain(|c| pattern.as_deref().is_none_or(|p| crate::auth::pattern_match(p, c)));
+                strings(all.iter().map(String::as_str))
+            }
+            ("NUMSUB", _) => {
+                let mut o = Vec::new();
+                resp::array_len(&mut o, (args.len() - 1) * 2);
+                for ch in &args[1..] {
+                    let ch = String::from_utf8_lossy(ch);
+                    resp::bulk(&mut o, ch.as_bytes());
+                    resp::integer(&mut o, numsub(self, &ch) as i64);
+                }
+                Reply::Raw(o)
+            }
+            ("NUMPAT", 1) => Reply::Int(0),
+            _ => Reply::Error(format!("ERR unknown subcommand or wrong number of arguments for 'pubsub|{}'", sub.to_ascii_lowercase())),
+        }
+    }
+
+    /// `JOIN sid channel` / `LEAVE sid channel`: attach a visitor to a shared channel from the
+    /// server side (its messages then reach the session's private stream) or detach it.
+    fn join_leave(&mut self, join: bool, sid: &[u8], channel: &[u8]) -> Reply {
+        let (Ok(sid), Ok(channel)) = (std::str::from_utf8(sid), std::str::from_utf8(channel)) else {
+            return Reply::Error("ERR invalid session or channel id".into());
+        };
+        if !hub::valid_session(sid) {
+            return Reply::Error("ERR invalid session id".into());
+        }
+        if !hub::valid_channel(channel, self.cfg.limits.max_channel_id_bytes) || channel.starts_with(hub::SESSION_PREFIX) {
+            return Reply::Error("ERR invalid channel id".into());
+        }
+        if join {
+            match self.hub.join(sid, channel) {
+                Err(()) => Reply::Error("ERR no such session: open it with SESSION.OPEN first".into()),
+                Ok(added) => {
+                    self.presence.join(sid, channel, &mut self.events);
+                    Reply::Int(added as i64)
+                }
+            }
+        } else {
+            let removed = self.hub.leave(sid, channel);
+            self.presence.leave(sid, channel, &mut self.events);
+            Reply::Int(removed as i64)
+        }
+    }
+
+    /// `KICK sid`: every held poll of the session gets 410, its private channel is closed, it
+    /// goes offline now, and its polls get 403 until the backend opens it again.
+    fn kick(&mut self, sid: &[u8]) -> Reply {
+        let Ok(sid) = std::str::from_utf8(sid) else { return Reply::Error("ERR invalid session id".into()) };
+        if !hub::valid_session(sid) {
+            return Reply::Error("ERR invalid session id".into());
+        }
+        let holds = self.presence.forget(sid, &mut self.events);
+        let n = holds.len();
+        for (id, t) in holds {
+            self.cut_hold(t, id, 410);
+        }
+        if let Some(waiters) = self.hub.kick(sid, self.now_secs) {
+            self.end_holds(waiters, 410);
+        }
+        crate::info!("session {sid} kicked ({n} held polls answered 410)");
+        Reply::Int(n as i64)
     }
 
     /// `AUTH.FLUSH` (everything), `AUTH.FLUSH SESSION <sid>`, `AUTH.FLUSH CHANNEL <channel>`:

@@ -79,6 +79,9 @@ pub struct ChannelInfo {
 pub struct Session {
     /// The application's user id, if the backend gave one.
     pub user: Option<String>,
+    /// Shared channels the backend joined it to: their messages are copied into its private
+    /// channel.
+    pub joined: std::collections::HashSet<Box<str>>,
 }
 
 #[derive(Default)]
@@ -117,6 +120,12 @@ pub struct Hub {
     expiry: VecDeque<(u64, Arc<str>)>,
     /// Open sessions by id.
     sessions: HashMap<Box<str>, Session>,
+    /// Channel -> sessions joined to it (`JOIN`).
+    joins: HashMap<Box<str>, std::collections::HashSet<Box<str>>>,
+    /// Kicked sessions (refused until opened again), with when they were kicked.
+    kicked: HashMap<Box<str>, u64>,
+    /// Kick order, to forget kicks after `KICK_MEMORY_SECS`.
+    kick_order: VecDeque<(u64, Box<str>)>,
     /// Messages kept per channel.
     buffer_length: usize,
     /// Seconds a message is kept.
@@ -128,6 +137,9 @@ pub struct Hub {
     /// Counters.
     pub stats: Stats,
 }
+
+/// How long a kicked session id stays refused when the backend does not open it again.
+pub const KICK_MEMORY_SECS: u64 = 86_400;
 
 /// Prefix of private channel names.
 pub const SESSION_PREFIX: &str = "session:";
@@ -152,6 +164,9 @@ impl Hub {
             channels: HashMap::new(),
             expiry: VecDeque::new(),
             sessions: HashMap::new(),
+            joins: HashMap::new(),
+            kicked: HashMap::new(),
+            kick_order: VecDeque::new(),
             buffer_length,
             ttl,
             held: 0,
@@ -201,6 +216,12 @@ impl Hub {
     /// Publishes a message: buffers it and returns it with the waiters to answer (each now
     /// removed from the channel).
     pub fn publish(&mut self, name: &str, content_type: &str, body: &[u8], now: u64) -> (Arc<Message>, Waiters) {
+        self.publish_from(name, name, content_type, body, now)
+    }
+
+    /// Publishes on `name` a message first published on `origin` (a copy for a joined session's
+    /// private channel; the copy's `X-Comet-Channel` header names the origin).
+    pub fn publish_from(&mut self, name: &str, origin: &str, content_type: &str, body: &[u8], now: u64) -> (Arc<Message>, Waiters) {
         self.expire(now);
         let key = match self.channels.get_key_value(name) {
             Some((k, _)) => k.clone(),
@@ -218,7 +239,7 @@ impl Hub {
         ch.last_id = Some(id);
         let msg = Arc::new(Message {
             id,
-            http_tail: crate::http::message_tail(id, content_type, body).into_boxed_slice(),
+            http_tail: crate::http::message_tail(id, origin, content_type, body).into_boxed_slice(),
             body_len: body.len(),
         });
         ch.messages.push_back(msg.clone());
@@ -295,16 +316,80 @@ impl Hub {
         })
     }
 
-    /// Opens (or re-opens, updating the user) a session.
+    /// Opens (or re-opens, updating the user) a session; a kicked session is allowed again.
     pub fn open_session(&mut self, sid: &str, user: Option<String>) {
-        self.sessions.insert(sid.into(), Session { user });
+        self.kicked.remove(sid);
+        match self.sessions.get_mut(sid) {
+            Some(s) => s.user = user,
+            None => {
+                self.sessions.insert(sid.into(), Session { user, joined: Default::default() });
+            }
+        }
     }
 
-    /// Closes a session and deletes its private channel; None if it was not open, else the
-    /// private channel's waiters (to be answered `410`).
+    /// Closes a session: drops its joins and deletes its private channel. None if it was not
+    /// open, else the private channel's waiters (to be answered `410`).
     pub fn close_session(&mut self, sid: &str) -> Option<Waiters> {
-        self.sessions.remove(sid)?;
+        let s = self.sessions.remove(sid)?;
+        for ch in s.joined {
+            self.unjoin_index(&ch, sid);
+        }
         Some(self.delete(&format!("{SESSION_PREFIX}{sid}")).unwrap_or_default())
+    }
+
+    /// Closes a session and refuses it until the backend opens it again. Kicks are remembered
+    /// for `KICK_MEMORY_SECS` (a session id is not reused in that time).
+    pub fn kick(&mut self, sid: &str, now: u64) -> Option<Waiters> {
+        while self.kick_order.front().is_some_and(|(at, _)| at + KICK_MEMORY_SECS <= now) {
+            if let Some((at, s)) = self.kick_order.pop_front() {
+                if self.kicked.get(&s) == Some(&at) {
+                    self.kicked.remove(&s);
+                }
+            }
+        }
+        self.kicked.insert(sid.into(), now);
+        self.kick_order.push_back((now, sid.into()));
+        self.close_session(sid)
+    }
+
+    /// Whether a session was kicked and not opened since.
+    pub fn is_kicked(&self, sid: &str) -> bool {
+        self.kicked.contains_key(sid)
+    }
+
+    /// Joins an open session to a shared channel: its messages are copied to the session's
+    /// private channel. Err if the session is not open; Ok(false) if already joined.
+    pub fn join(&mut self, sid: &str, channel: &str) -> Result<bool, ()> {
+        let s = self.sessions.get_mut(sid).ok_or(())?;
+        if !s.joined.insert(channel.into()) {
+            return Ok(false);
+        }
+        self.joins.entry(channel.into()).or_default().insert(sid.into());
+        Ok(true)
+    }
+
+    /// Undoes `join`; true if it was joined.
+    pub fn leave(&mut self, sid: &str, channel: &str) -> bool {
+        let Some(s) = self.sessions.get_mut(sid) else { return false };
+        if !s.joined.remove(channel) {
+            return false;
+        }
+        self.unjoin_index(channel, sid);
+        true
+    }
+
+    fn unjoin_index(&mut self, channel: &str, sid: &str) {
+        if let Some(set) = self.joins.get_mut(channel) {
+            set.remove(sid);
+            if set.is_empty() {
+                self.joins.remove(channel);
+            }
+        }
+    }
+
+    /// Sessions joined to a channel (whose private channels get its messages).
+    pub fn joined_to(&self, channel: &str) -> Vec<Box<str>> {
+        self.joins.get(channel).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// The open session `sid`.
@@ -439,6 +524,28 @@ mod tests {
         assert!(hub.expiry.len() <= 2 * hub.buffered_count() + 1025);
         hub.expire(100 + 100 + 60);
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn joins_and_kicks() {
+        let mut hub = Hub::new(10, 60);
+        assert!(hub.join("s", "goods").is_err(), "not open");
+        hub.open_session("s", None);
+        assert_eq!(hub.join("s", "goods"), Ok(true));
+        assert_eq!(hub.join("s", "goods"), Ok(false));
+        assert_eq!(hub.joined_to("goods"), vec![Box::from("s")]);
+        assert!(hub.leave("s", "goods"));
+        assert!(hub.joined_to("goods").is_empty());
+        hub.join("s", "goods").unwrap();
+        assert!(hub.kick("s", 100).is_some());
+        assert!(hub.is_kicked("s"));
+        assert!(hub.joined_to("goods").is_empty());
+        hub.open_session("s", None);
+        assert!(!hub.is_kicked("s"));
+        hub.kick("t", 100);
+        hub.kick("u", 100 + KICK_MEMORY_SECS);
+        assert!(!hub.is_kicked("t"), "forgotten after a day");
+        assert!(hub.is_kicked("u"));
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! auth.rs      access checks: open patterns, signed keys, cache; SQLite and HTTP jobs
 //! worker.rs    the pool that runs blocking jobs, answering through the loop's Waker
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
+//! presence.rs  who is online and where, with grace; online/offline/join/leave events (pure)
+//! presence_rows.rs  those events as rows in the application's SQLite (worker jobs)
 //! time.rs      HTTP dates and log stamps
 //! log.rs       one line per event on stderr
 //! ```
@@ -32,6 +34,8 @@ pub mod control;
 pub mod http;
 pub mod hub;
 pub mod log;
+pub mod presence;
+pub mod presence_rows;
 pub mod resp;
 pub mod server;
 pub mod time;

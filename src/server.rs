@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::auth::{self, Verdict};
 use crate::conn::{Chunk, Conn, Hold, Kind, OutQueue, PendingPoll, Phase};
 use crate::worker::{self, Outcome, Pool, Ticket};
-use crate::hub::{Hub, Message, MsgId, Waiters};
+use crate::hub::{Hub, Message, Waiters};
 use crate::{debug, http, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -30,6 +30,9 @@ const BROWSER: Token = Token(usize::MAX - 1);
 const CONTROL: Token = Token(usize::MAX - 2);
 const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 4);
+
+/// The pub/sub channel on which backends receive presence events.
+pub const PRESENCE_CHANNEL: &str = "__presence__";
 
 /// Longest a shutdown waits for answers to drain before closing what is left.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -99,6 +102,18 @@ pub struct Server {
     pub cfg: Config,
     /// The channel hub.
     pub hub: Hub,
+    /// Who is online, and where.
+    pub presence: crate::presence::Presence,
+    /// Presence events gathered this turn, sent before the next poll.
+    pub events: Vec<crate::presence::Event>,
+    /// Presence events waiting to be written as rows.
+    rows_batch: Vec<crate::presence::Event>,
+    /// A batch of rows is being written (one at a time keeps rows in event order).
+    rows_in_flight: bool,
+    /// A batch failed: the next one rewrites the table from the live state.
+    rows_resync: bool,
+    /// Channel -> control connections subscribed to it (`SUBSCRIBE`).
+    pub backend_subs: std::collections::HashMap<Box<str>, std::collections::HashSet<usize>>,
     /// Every connection, by token.
     pub conns: Slab<Conn>,
     /// Counters.
@@ -170,6 +185,9 @@ impl Server {
         if auth_cfg.mode == crate::config::AuthMode::Sqlite {
             auth::validate_sqlite(&auth_cfg).map_err(StartError)?;
         }
+        if let Some(db) = &cfg.presence.database {
+            crate::presence_rows::prepare(db, &cfg.presence.table, &cfg.presence.instance).map_err(StartError)?;
+        }
         let pool = {
             let a = auth_cfg.clone();
             let job_timeout = cfg.workers.job_timeout;
@@ -178,10 +196,17 @@ impl Server {
                     .then(|| auth::open_db(&a, job_timeout))
                     .and_then(|r| r.map_err(|e| crate::error!("worker cannot open {}: {e}", a.database.display())).ok()),
                 http: ureq::AgentBuilder::new().timeout(job_timeout).redirects(0).build(),
+                presence_db: None,
             })
             .map_err(|e| StartError(format!("cannot start the worker threads: {e}")))?
         };
         Ok(Server {
+            presence: crate::presence::Presence::new(cfg.presence.grace),
+            events: Vec::new(),
+            rows_batch: Vec::new(),
+            rows_in_flight: false,
+            rows_resync: false,
+            backend_subs: Default::default(),
             pool,
             auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
             auth_cfg,
@@ -267,11 +292,22 @@ impl Server {
             self.drive(t);
         }
         self.hub.expire(self.now_secs);
+        self.emit_events();
+        self.submit_rows();
         for t in std::mem::take(&mut self.dead) {
             if self.conns.get(t).is_some_and(|c| c.dead) {
                 let mut c = self.conns.remove(t);
                 if let Phase::Held(h) = &c.phase {
                     self.hub.cancel(&h.channel, h.id);
+                    self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+                }
+                for ch in &c.subs {
+                    if let Some(set) = self.backend_subs.get_mut(ch) {
+                        set.remove(&t);
+                        if set.is_empty() {
+                            self.backend_subs.remove(ch);
+                        }
+                    }
                 }
                 let _ = self.poll.registry().deregister(&mut c.stream);
                 debug!("closed {:?} connection {} from {}", c.kind, c.id, c.peer);
@@ -285,6 +321,9 @@ impl Server {
             if let Some(t) = q.front() {
                 next = next.min(t.at);
             }
+        }
+        if let Some(at) = self.presence.next_deadline() {
+            next = next.min(at);
         }
         if let Some(at) = self.accept_paused_until {
             next = next.min(at);
@@ -304,8 +343,65 @@ impl Server {
         }
     }
 
+    /// Queues presence events for the rows table and starts a batch if none is in flight.
+    fn presence_rows(&mut self, events: Vec<crate::presence::Event>) {
+        if self.cfg.presence.database.is_none() {
+            return;
+        }
+        self.rows_batch.extend(events);
+        self.submit_rows();
+    }
+
+    fn submit_rows(&mut self) {
+        if self.rows_in_flight || (self.rows_batch.is_empty() && !self.rows_resync) {
+            return;
+        }
+        let Some(path) = self.cfg.presence.database.clone() else { return };
+        let resync = self.rows_resync;
+        let batch = if resync { self.presence.snapshot() } else { std::mem::take(&mut self.rows_batch) };
+        let (table, instance, now) = (self.cfg.presence.table.clone(), self.cfg.presence.instance.clone(), self.now_secs);
+        // Rows are one copy of the events the batch holds; if the queue is full they are kept for
+        // the next turn (the loop wakes at least every second).
+        let task: worker::Task = Box::new(move |res| {
+            if res.presence_db.is_none() {
+                match crate::presence_rows::open(&path) {
+                    Ok(c) => res.presence_db = Some(c),
+                    Err(e) => return Outcome::Rows(Err(e.to_string())),
+                }
+            }
+            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
+            Outcome::Rows(crate::presence_rows::apply(db, &table, &instance, resync, &batch, now).map_err(|e| e.to_string()))
+        });
+        match self.pool.submit(Ticket { token: usize::MAX, stamp: 0 }, task) {
+            Ok(()) => {
+                self.rows_in_flight = true;
+                if resync {
+                    self.rows_resync = false;
+                    self.rows_batch.clear();
+                }
+            }
+            Err(worker::Busy) => warn!("worker queue full: presence rows wait for the next turn"),
+        }
+    }
+
     /// A worker finished a job: act on it if its connection is still waiting for it.
     fn job_done(&mut self, ticket: Ticket, outcome: Outcome) {
+        if ticket.token == usize::MAX {
+            self.rows_in_flight = false;
+            let failed = match outcome {
+                Outcome::Rows(Ok(())) => None,
+                Outcome::Rows(Err(e)) => Some(e),
+                _ => Some("the job failed".to_string()),
+            };
+            if let Some(e) = failed {
+                // The batch is lost with its transaction: rewrite the whole table from the live
+                // state next time, so the rows cannot drift from the truth.
+                crate::error!("presence rows not written ({e}); the table will be rewritten");
+                self.rows_resync = true;
+            }
+            self.submit_rows();
+            return;
+        }
         let Some(c) = self.conns.get_mut(ticket.token) else { return };
         if c.dead || c.stamp != ticket.stamp || !matches!(c.phase, Phase::Authorizing(_)) {
             // The browser left, or the check timed out (504 already sent): the answer is moot.
@@ -314,7 +410,7 @@ impl Server {
         let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { return };
         let verdict = match outcome {
             Outcome::Access(v) => v,
-            Outcome::Failed => Verdict::Deny(503),
+            Outcome::Failed | Outcome::Rows(_) => Verdict::Deny(503),
         };
         // Transient failures (database locked, callback down) are not remembered.
         if !matches!(verdict, Verdict::Deny(503 | 504)) {
@@ -326,7 +422,7 @@ impl Server {
     /// Continues a poll once its access is known.
     pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll, verdict: Verdict) {
         match verdict {
-            Verdict::Allow(_) => self.hold(t, &p.channel, p.cursor, p.echo, p.lines, p.keep_alive),
+            Verdict::Allow(user) => self.hold(t, p, user),
             Verdict::Deny(status) => {
                 self.counters.rejected += 1;
                 let lines = String::from_utf8_lossy(&p.lines).into_owned();
@@ -411,6 +507,7 @@ impl Server {
             readable: true,
             auth: None,
             name: None,
+            subs: Default::default(),
             eof: false,
             dead: false,
             since: self.now,
@@ -600,15 +697,22 @@ impl Server {
         self.flush(t);
     }
 
-    /// Holds a poll, or answers it at once with a buffered message.
-    pub fn hold(&mut self, t: usize, channel: &str, cursor: crate::hub::Cursor, echo: Option<MsgId>, lines: Arc<[u8]>, keep_alive: bool) {
+    /// Holds a poll, or answers it at once with a buffered message. Either way the session
+    /// counts as polling (online, and on the channel) from now.
+    pub fn hold(&mut self, t: usize, p: PendingPoll, user: Option<String>) {
         let id = self.stamp();
-        match self.hub.poll(channel, cursor, id, t, self.now_secs) {
-            crate::hub::Poll::Message(m) => self.answer_message(t, &lines, m, keep_alive),
+        let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
+        self.presence.poll_started(&p.sid, user.as_deref(), &p.channel, id, t, &mut self.events);
+        match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
+            crate::hub::Poll::Message(m) => {
+                self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
+                self.answer_message(t, &p.lines, m, p.keep_alive)
+            }
             crate::hub::Poll::Held => {
                 let Some(c) = self.conns.get_mut(t) else { return };
                 c.stamp = id;
-                c.phase = Phase::Held(Box::new(Hold { id, channel: channel.into(), cursor: echo, lines, keep_alive }));
+                let PendingPoll { channel, sid, echo, lines, keep_alive, .. } = p;
+                c.phase = Phase::Held(Box::new(Hold { id, channel: channel.into(), sid: sid.into(), cursor: echo, lines, keep_alive }));
                 self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp: id });
             }
         }
@@ -635,14 +739,39 @@ impl Server {
             _ => return None,
         }
         match std::mem::replace(&mut c.phase, Phase::Idle) {
-            Phase::Held(h) => Some(h),
+            Phase::Held(h) => {
+                self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+                Some(h)
+            }
             _ => None,
         }
     }
 
-    /// Publishes a message and answers the held polls it reaches; returns how many.
+    /// Ends a held poll that is still a waiter in the hub (kick, timeout): removes it there, then
+    /// answers it.
+    pub fn cut_hold(&mut self, t: usize, id: u64, status: u16) {
+        let channel = match self.conns.get(t).map(|c| &c.phase) {
+            Some(Phase::Held(h)) if h.id == id => h.channel.clone(),
+            _ => return,
+        };
+        self.hub.cancel(&channel, id);
+        self.end_hold(t, id, status);
+    }
+
+    /// Publishes a message: answers the held polls it reaches, copies it to the private
+    /// channels of sessions joined to the channel, and sends it to backends subscribed to it.
+    /// Returns how many held polls and backends got it at once.
     pub fn publish(&mut self, channel: &str, content_type: &str, body: &[u8]) -> usize {
-        let (msg, waiters) = self.hub.publish(channel, content_type, body, self.now_secs);
+        let mut n = self.publish_one(channel, channel, content_type, body);
+        for sid in self.hub.joined_to(channel) {
+            let private = format!("{}{sid}", crate::hub::SESSION_PREFIX);
+            n += self.publish_one(&private, channel, content_type, body);
+        }
+        n + self.to_backends(channel, body)
+    }
+
+    fn publish_one(&mut self, channel: &str, origin: &str, content_type: &str, body: &[u8]) -> usize {
+        let (msg, waiters) = self.hub.publish_from(channel, origin, content_type, body, self.now_secs);
         let mut n = 0;
         for (id, t) in waiters {
             if let Some(h) = self.take_hold(t, id) {
@@ -652,6 +781,41 @@ impl Server {
         }
         debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len);
         n
+    }
+
+    /// Sends a pub/sub message to the backends subscribed to `channel`: the RESP frame is built
+    /// once and shared. Returns how many.
+    pub fn to_backends(&mut self, channel: &str, payload: &[u8]) -> usize {
+        let Some(subs) = self.backend_subs.get(channel) else { return 0 };
+        let tokens: Vec<usize> = subs.iter().copied().collect();
+        let mut frame = Vec::with_capacity(payload.len() + channel.len() + 40);
+        crate::resp::array_len(&mut frame, 3);
+        crate::resp::bulk(&mut frame, b"message");
+        crate::resp::bulk(&mut frame, channel.as_bytes());
+        crate::resp::bulk(&mut frame, payload);
+        let frame: Arc<[u8]> = frame.into();
+        for &t in &tokens {
+            if let Some(c) = self.conns.get_mut(t) {
+                c.out.push(Chunk::Shared(frame.clone()));
+            }
+            self.flush(t);
+        }
+        tokens.len()
+    }
+
+    /// Sends the presence events gathered this turn to `__presence__` subscribers (and, when
+    /// configured, to the presence table through the pool).
+    fn emit_events(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let events = std::mem::take(&mut self.events);
+        for e in &events {
+            let text = e.text();
+            debug!("presence: {text}");
+            self.to_backends(PRESENCE_CHANNEL, text.as_bytes());
+        }
+        self.presence_rows(events);
     }
 
     /// Answers held polls that end without a message (408, 410, 503), the cursor echoed.
@@ -722,13 +886,9 @@ impl Server {
         let now = Instant::now();
         while self.timers.hold.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.hold.pop_front() else { break };
-            let channel = match self.conns.get(x.token).map(|c| &c.phase) {
-                Some(Phase::Held(h)) if h.id == x.stamp => h.channel.clone(),
-                _ => continue,
-            };
-            self.hub.cancel(&channel, x.stamp);
-            self.end_hold(x.token, x.stamp, 408);
+            self.cut_hold(x.token, x.stamp, 408);
         }
+        self.presence.tick(now, &mut self.events);
         while self.timers.job.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.job.pop_front() else { break };
             let waiting = self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Authorizing(_)) && !c.dead);
@@ -777,9 +937,8 @@ impl Server {
             let c = &mut self.conns[t];
             c.close_after_write = true;
             if let Phase::Held(h) = &c.phase {
-                let (ch, id) = (h.channel.clone(), h.id);
-                self.hub.cancel(&ch, id);
-                self.end_hold(t, id, 503);
+                let id = h.id;
+                self.cut_hold(t, id, 503);
             } else if c.out.is_empty() {
                 self.kill(t);
             }
@@ -801,7 +960,7 @@ impl Server {
         let s = &self.hub.stats;
         format!(
             "# Server\r\ncomet_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\nbrowser_listen:{}\r\ncontrol_listen:{}\r\nadmin_listen:{}\r\n\
-             # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\n\
+             # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\nonline_sessions:{}\r\npubsub_channels:{}\r\n\
              # Stats\r\nchannels:{}\r\nsessions:{}\r\nbuffered_messages:{}\r\nmessages_published:{}\r\nmessages_delivered:{}\r\n\
              total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n\
              # Auth\r\nauth_mode:{}\r\nauth_cache_entries:{}\r\nauth_cache_hits:{}\r\nauth_jobs:{}\r\nauth_db_queries:{}\r\nauth_http_requests:{}\r\n\
@@ -813,6 +972,8 @@ impl Server {
             self.addrs[1],
             self.addrs[2],
             self.hub.held_count(),
+            self.presence.online_count(),
+            self.backend_subs.len(),
             self.hub.channel_count(),
             self.hub.session_count(),
             self.hub.buffered_count(),

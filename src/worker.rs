@@ -27,6 +27,8 @@ pub struct Ticket {
 pub enum Outcome {
     /// An access decision (`auth.rs`).
     Access(crate::auth::Verdict),
+    /// A batch of presence rows written (or the error).
+    Rows(Result<(), String>),
     /// The job panicked; the request gets `503`.
     Failed,
 }
@@ -46,6 +48,8 @@ pub struct Resources {
     pub auth_db: Option<rusqlite::Connection>,
     /// HTTP client for the auth callback.
     pub http: ureq::Agent,
+    /// This worker's read-write connection to the presence database, opened on first use.
+    pub presence_db: Option<rusqlite::Connection>,
 }
 
 /// A job: runs on a worker with that worker's resources.
@@ -113,7 +117,7 @@ mod tests {
     fn pool(threads: usize, queue: usize) -> (Pool, mio::Poll) {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let p = Pool::start(threads, queue, waker, || Resources { auth_db: None, http: ureq::Agent::new() }).unwrap();
+        let p = Pool::start(threads, queue, waker, || Resources { auth_db: None, http: ureq::Agent::new(), presence_db: None }).unwrap();
         (p, poll)
     }
 

@@ -23,9 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// The secret of the `php` token in [`CONFIG`]. (The brief's example used `s3cret`, but the
-/// daemon refuses secrets under 8 characters: `control.tokens.php: a secret needs at least 8
-/// characters`.)
+/// The secret of the `php` token in [`CONFIG`] (the daemon wants at least 8 characters).
 pub const TOKEN: &str = "s3cret-token";
 
 /// How long a client waits for an answer it expects (a held poll is answered well before).

@@ -1,0 +1,436 @@
+//! Who is online, and where. Pure state like the hub: the loop tells it when a poll starts and
+//! ends, and when the backend joins or leaves a session server-side; it answers with the events
+//! that follow (`online`, `offline`, `join`, `leave`) and keeps the indexes behind `ONLINE`,
+//! `PRESENCE` and `PUBSUB`.
+//!
+//! Long-poll leaves short gaps between a response and the next request, so a session stays
+//! online for `grace` after its last poll ended, and on a channel for `grace` after its last poll
+//! on that channel ended: a visitor does not flap at every re-poll, and one who vanished (tab
+//! closed, network gone) goes offline after exactly that grace, never later. Grace timers share
+//! one duration, so they sit in one FIFO; each carries a stamp and a stale one is skipped.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// A presence change, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session came online (its first poll, or its first after going offline).
+    Online { sid: String, user: Option<String> },
+    /// A session went offline (grace over with no poll, kicked, or closed).
+    Offline { sid: String },
+    /// A session is now on a channel (a poll on it, or joined by the backend while online).
+    Join { sid: String, channel: String },
+    /// A session is no longer on a channel.
+    Leave { sid: String, channel: String },
+}
+
+impl Event {
+    /// The text sent to `__presence__` subscribers: `online <sid> [<user>]`, `offline <sid>`,
+    /// `join <sid> <channel>`, `leave <sid> <channel>`.
+    pub fn text(&self) -> String {
+        match self {
+            Event::Online { sid, user: Some(u) } => format!("online {sid} {u}"),
+            Event::Online { sid, user: None } => format!("online {sid}"),
+            Event::Offline { sid } => format!("offline {sid}"),
+            Event::Join { sid, channel } => format!("join {sid} {channel}"),
+            Event::Leave { sid, channel } => format!("leave {sid} {channel}"),
+        }
+    }
+}
+
+/// A session's polls on one channel.
+#[derive(Default)]
+struct OnChannel {
+    /// Held polls on the channel.
+    polls: u32,
+    /// Stamp of the pending grace timer after the last poll ended; 0 when none.
+    grace: u64,
+}
+
+/// A session the daemon knows: online, or joined to channels by the backend.
+#[derive(Default)]
+struct Visitor {
+    /// The application's user id.
+    user: Option<String>,
+    /// Held polls, all channels, with the connection each is on (hold id -> slab token).
+    holds: HashMap<u64, usize>,
+    /// Stamp of the pending grace timer after the last poll ended; 0 when none.
+    grace: u64,
+    /// Shared channels it polls (or polled within grace).
+    channels: HashMap<Box<str>, OnChannel>,
+    /// Channels the backend joined it to (`JOIN`).
+    joined: HashSet<Box<str>>,
+}
+
+impl Visitor {
+    fn online(&self) -> bool {
+        !self.holds.is_empty() || self.grace != 0
+    }
+
+    /// The channels it is on now.
+    fn on(&self) -> BTreeSet<Box<str>> {
+        if !self.online() {
+            return BTreeSet::new();
+        }
+        self.channels.keys().chain(self.joined.iter()).cloned().collect()
+    }
+}
+
+/// A grace timer: fires at `at` for `sid` (and `channel`, if a channel's grace) if its stamp
+/// still matches.
+struct Grace {
+    at: Instant,
+    sid: Box<str>,
+    channel: Option<Box<str>>,
+    stamp: u64,
+}
+
+/// The presence state.
+pub struct Presence {
+    grace: Duration,
+    /// Sessions by id.
+    visitors: HashMap<Box<str>, Visitor>,
+    /// Channel -> sessions on it.
+    members: HashMap<Box<str>, HashSet<Box<str>>>,
+    /// Channel -> anonymous held polls on it.
+    anon: HashMap<Box<str>, u32>,
+    /// Pending grace timers, in deadline order.
+    timers: VecDeque<Grace>,
+    /// Sessions online.
+    online: usize,
+    last_stamp: u64,
+}
+
+/// Whether a channel is a session's private channel (not a place where visitors meet).
+fn private(channel: &str) -> bool {
+    channel.starts_with(crate::hub::SESSION_PREFIX)
+}
+
+impl Presence {
+    /// Empty, with the grace period.
+    pub fn new(grace: Duration) -> Presence {
+        Presence {
+            grace,
+            visitors: HashMap::new(),
+            members: HashMap::new(),
+            anon: HashMap::new(),
+            timers: VecDeque::new(),
+            online: 0,
+            last_stamp: 0,
+        }
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.last_stamp += 1;
+        self.last_stamp
+    }
+
+    /// Applies a change to one visitor and reports the events it caused, keeping the indexes.
+    fn change(&mut self, sid: &str, out: &mut Vec<Event>, f: impl FnOnce(&mut Visitor)) {
+        let v = self.visitors.entry(sid.into()).or_default();
+        let (was_online, before) = (v.online(), v.on());
+        f(v);
+        let (is_online, after) = (v.online(), v.on());
+        let user = v.user.clone();
+        if v.holds.is_empty() && v.grace == 0 && v.joined.is_empty() {
+            self.visitors.remove(sid);
+        }
+        if !was_online && is_online {
+            self.online += 1;
+            out.push(Event::Online { sid: sid.into(), user });
+        }
+        for ch in before.difference(&after) {
+            if let Some(m) = self.members.get_mut(ch) {
+                m.remove(sid);
+                if m.is_empty() {
+                    self.members.remove(ch);
+                }
+            }
+            out.push(Event::Leave { sid: sid.into(), channel: ch.to_string() });
+        }
+        for ch in after.difference(&before) {
+            self.members.entry(ch.clone()).or_default().insert(sid.into());
+            out.push(Event::Join { sid: sid.into(), channel: ch.to_string() });
+        }
+        if was_online && !is_online {
+            self.online -= 1;
+            out.push(Event::Offline { sid: sid.into() });
+        }
+    }
+
+    /// A poll (hold `hold` on connection `token`) started on `channel`; `sid` is "" when
+    /// anonymous; `user` is the session's user id when known.
+    pub fn poll_started(&mut self, sid: &str, user: Option<&str>, channel: &str, hold: u64, token: usize, out: &mut Vec<Event>) {
+        if sid.is_empty() {
+            if !private(channel) {
+                *self.anon.entry(channel.into()).or_default() += 1;
+            }
+            return;
+        }
+        self.change(sid, out, |v| {
+            if let Some(u) = user {
+                v.user = Some(u.to_string());
+            }
+            v.holds.insert(hold, token);
+            v.grace = 0;
+            if !private(channel) {
+                let c = v.channels.entry(channel.into()).or_default();
+                c.polls += 1;
+                c.grace = 0;
+            }
+        });
+    }
+
+    /// A poll ended (answered, timed out, or its connection closed). Nothing changes until grace.
+    pub fn poll_ended(&mut self, sid: &str, channel: &str, hold: u64, now: Instant) {
+        if sid.is_empty() {
+            if let Some(n) = self.anon.get_mut(channel) {
+                *n -= 1;
+                if *n == 0 {
+                    self.anon.remove(channel);
+                }
+            }
+            return;
+        }
+        let (s1, s2) = (self.stamp(), self.stamp());
+        let at = now + self.grace;
+        let Some(v) = self.visitors.get_mut(sid) else { return };
+        if v.holds.remove(&hold).is_none() {
+            return;
+        }
+        if let Some(c) = v.channels.get_mut(channel) {
+            c.polls -= 1;
+            if c.polls == 0 {
+                c.grace = s1;
+                self.timers.push_back(Grace { at, sid: sid.into(), channel: Some(channel.into()), stamp: s1 });
+            }
+        }
+        if v.holds.is_empty() {
+            v.grace = s2;
+            self.timers.push_back(Grace { at, sid: sid.into(), channel: None, stamp: s2 });
+        }
+    }
+
+    /// Fires due grace timers.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Event>) {
+        while self.timers.front().is_some_and(|g| g.at <= now) {
+            let Some(g) = self.timers.pop_front() else { break };
+            let Some(v) = self.visitors.get(&g.sid) else { continue };
+            match &g.channel {
+                Some(ch) => {
+                    if v.channels.get(ch).is_some_and(|c| c.grace == g.stamp && c.polls == 0) {
+                        self.change(&g.sid, out, |v| {
+                            v.channels.remove(ch);
+                        });
+                    }
+                }
+                None => {
+                    if v.grace == g.stamp && v.holds.is_empty() {
+                        self.change(&g.sid, out, |v| {
+                            v.grace = 0;
+                            v.channels.clear();
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the next grace timer is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.front().map(|g| g.at)
+    }
+
+    /// Records the session's user id (from `SESSION.OPEN` or an access check).
+    pub fn set_user(&mut self, sid: &str, user: Option<String>) {
+        if let Some(v) = self.visitors.get_mut(sid) {
+            if user.is_some() {
+                v.user = user;
+            }
+        }
+    }
+
+    /// The backend joined the session to a channel.
+    pub fn join(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
+        self.change(sid, out, |v| {
+            v.joined.insert(channel.into());
+        });
+    }
+
+    /// The backend took the session off a channel it joined.
+    pub fn leave(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
+        if self.visitors.contains_key(sid) {
+            self.change(sid, out, |v| {
+                v.joined.remove(channel);
+            });
+        }
+    }
+
+    /// The session is closed or kicked: it leaves everything and goes offline now. Returns its
+    /// held polls (hold id, token) for the loop to answer.
+    pub fn forget(&mut self, sid: &str, out: &mut Vec<Event>) -> Vec<(u64, usize)> {
+        let Some(v) = self.visitors.get(sid) else { return Vec::new() };
+        let holds: Vec<(u64, usize)> = v.holds.iter().map(|(h, t)| (*h, *t)).collect();
+        self.change(sid, out, |v| {
+            v.holds.clear();
+            v.grace = 0;
+            v.channels.clear();
+            v.joined.clear();
+        });
+        holds
+    }
+
+    /// The whole state as events (online, then joins), for rewriting the presence rows.
+    pub fn snapshot(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        for (sid, v) in self.visitors.iter().filter(|(_, v)| v.online()) {
+            out.push(Event::Online { sid: sid.to_string(), user: v.user.clone() });
+            out.extend(v.on().into_iter().map(|c| Event::Join { sid: sid.to_string(), channel: c.to_string() }));
+        }
+        out
+    }
+
+    /// Online sessions with their user ids, sorted by session id.
+    pub fn online(&self) -> Vec<(String, Option<String>)> {
+        let mut v: Vec<_> = self.visitors.iter().filter(|(_, v)| v.online()).map(|(s, v)| (s.to_string(), v.user.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// Sessions online.
+    pub fn online_count(&self) -> usize {
+        self.online
+    }
+
+    /// Whether a session is online.
+    pub fn is_online(&self, sid: &str) -> bool {
+        self.visitors.get(sid).is_some_and(Visitor::online)
+    }
+
+    /// Sessions on a channel with their user ids, sorted.
+    pub fn on_channel(&self, channel: &str) -> Vec<(String, Option<String>)> {
+        let mut v: Vec<_> = self
+            .members
+            .get(channel)
+            .into_iter()
+            .flatten()
+            .map(|s| (s.to_string(), self.visitors.get(s).and_then(|v| v.user.clone())))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Browsers on a channel: sessions on it and anonymous held polls.
+    pub fn numsub(&self, channel: &str) -> usize {
+        self.members.get(channel).map_or(0, HashSet::len) + self.anon.get(channel).copied().unwrap_or(0) as usize
+    }
+
+    /// Channels with at least one browser, sorted.
+    pub fn channels(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.members.keys().chain(self.anon.keys()).map(|c| c.to_string()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Duration = Duration::from_secs(15);
+
+    fn texts(ev: &[Event]) -> Vec<String> {
+        ev.iter().map(Event::text).collect()
+    }
+
+    #[test]
+    fn re_polls_within_grace_do_not_flap() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("s1", Some("42"), "goods", 1, 10, &mut ev);
+        assert_eq!(texts(&ev), ["online s1 42", "join s1 goods"]);
+        ev.clear();
+        for i in 0..100u64 {
+            let now = t0 + Duration::from_millis(i * 100);
+            p.poll_ended("s1", "goods", 1 + i, now);
+            p.tick(now + Duration::from_millis(50), &mut ev);
+            p.poll_started("s1", None, "goods", 2 + i, 10, &mut ev);
+        }
+        p.tick(t0 + Duration::from_secs(60), &mut ev);
+        assert!(ev.is_empty(), "no events while re-polling: {ev:?}");
+        assert_eq!(p.online(), [("s1".to_string(), Some("42".to_string()))]);
+        assert_eq!(p.numsub("goods"), 1);
+    }
+
+    #[test]
+    fn abrupt_end_goes_offline_after_grace_exactly() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("s1", None, "goods", 1, 10, &mut ev);
+        p.poll_started("s2", None, "goods", 2, 11, &mut ev);
+        ev.clear();
+        p.poll_ended("s1", "goods", 1, t0);
+        p.tick(t0 + G - Duration::from_millis(1), &mut ev);
+        assert!(ev.is_empty());
+        assert_eq!(p.on_channel("goods").len(), 2);
+        p.tick(t0 + G, &mut ev);
+        assert_eq!(texts(&ev), ["leave s1 goods", "offline s1"]);
+        assert_eq!(p.online_count(), 1);
+        assert_eq!(p.channels(), ["goods"]);
+    }
+
+    #[test]
+    fn joins_count_while_online_and_forget_clears() {
+        let t0 = Instant::now();
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.join("s1", "goods", &mut ev);
+        assert!(ev.is_empty(), "joined but offline: not on the channel yet");
+        p.poll_started("s1", None, "session:s1", 1, 10, &mut ev);
+        assert_eq!(texts(&ev), ["online s1", "join s1 goods"]);
+        ev.clear();
+        p.leave("s1", "goods", &mut ev);
+        assert_eq!(texts(&ev), ["leave s1 goods"]);
+        ev.clear();
+        p.join("s1", "news", &mut ev);
+        p.poll_ended("s1", "session:s1", 1, t0);
+        assert_eq!(p.forget("s1", &mut ev), Vec::<(u64, usize)>::new());
+        assert_eq!(texts(&ev), ["join s1 news", "leave s1 news", "offline s1"]);
+        assert_eq!(p.online_count(), 0);
+        assert!(p.channels().is_empty());
+        p.tick(t0 + G, &mut ev);
+        assert_eq!(ev.len(), 3, "stale timers are skipped");
+    }
+
+    #[test]
+    fn anonymous_polls_count_on_channels_only() {
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("", None, "goods", 1, 10, &mut ev);
+        p.poll_started("", None, "goods", 2, 11, &mut ev);
+        assert!(ev.is_empty());
+        assert_eq!(p.numsub("goods"), 2);
+        assert_eq!(p.online_count(), 0);
+        p.poll_ended("", "goods", 1, Instant::now());
+        p.poll_ended("", "goods", 2, Instant::now());
+        assert!(p.channels().is_empty());
+    }
+
+    #[test]
+    fn kick_returns_the_held_polls() {
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("s1", None, "goods", 7, 3, &mut ev);
+        p.poll_started("s1", None, "session:s1", 8, 4, &mut ev);
+        let mut holds = p.forget("s1", &mut ev);
+        holds.sort();
+        assert_eq!(holds, [(7, 3), (8, 4)]);
+        // The loop ends those polls afterwards: nothing more happens.
+        p.poll_ended("s1", "goods", 7, Instant::now());
+        assert!(!p.is_online("s1"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Presence rows in the application's SQLite database (`[presence] database`), so PHP can simply
+//! `SELECT * FROM comet_online`. The loop gathers presence events and hands them to the worker
+//! pool in batches, one batch in flight at a time so rows change in event order; a worker applies
+//! a batch in one transaction. Nothing here runs on the loop thread except `prepare`, at start.
+//!
+//! Rows: `(session, user, channel, since, daemon)`; a session online has one row with
+//! `channel = ''` and one row per channel it is on. `daemon` is `[presence] instance`: at start
+//! the rows of that instance are deleted, so a restart leaves no ghosts.
+
+use crate::presence::Event;
+use rusqlite::{params, Connection};
+use std::path::Path;
+use std::time::Duration;
+
+/// Opens the database read-write with a bounded wait on locks.
+pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    Ok(c)
+}
+
+/// Creates the table if needed and deletes this instance's old rows. Run once at start.
+pub fn prepare(path: &Path, table: &str, instance: &str) -> Result<(), String> {
+    let c = open(path).map_err(|e| format!("presence.database: cannot open {}: {e}", path.display()))?;
+    c.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (session TEXT NOT NULL, user TEXT, channel TEXT NOT NULL DEFAULT '', \
+         since INTEGER NOT NULL, daemon TEXT NOT NULL DEFAULT '');
+         CREATE INDEX IF NOT EXISTS {table}_session ON {table} (session, channel);"
+    ))
+    .map_err(|e| format!("presence.table: cannot create {table}: {e}"))?;
+    c.execute(&format!("DELETE FROM {table} WHERE daemon = ?1"), params![instance])
+        .map_err(|e| format!("presence.table: cannot clear old rows: {e}"))?;
+    Ok(())
+}
+
+/// Applies a batch of events in one transaction; with `clear_first`, the instance's rows are
+/// deleted first (the batch is then a snapshot of the whole state).
+pub fn apply(c: &mut Connection, table: &str, instance: &str, clear_first: bool, events: &[Event], now: u64) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    if clear_first {
+        tx.execute(&format!("DELETE FROM {table} WHERE daemon = ?1"), params![instance])?;
+    }
+    for e in events {
+        match e {
+            Event::Online { sid, user } => {
+                tx.prepare_cached(&format!("INSERT INTO {table} (session, user, channel, since, daemon) VALUES (?1, ?2, '', ?3, ?4)"))?
+                    .execute(params![sid, user, now as i64, instance])?;
+            }
+            Event::Offline { sid } => {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE session = ?1 AND daemon = ?2"))?.execute(params![sid, instance])?;
+            }
+            Event::Join { sid, channel } => {
+                // The user id is the one on the session's online row.
+                tx.prepare_cached(&format!(
+                    "INSERT INTO {table} (session, user, channel, since, daemon) \
+                     VALUES (?1, (SELECT user FROM {table} WHERE session = ?1 AND channel = '' AND daemon = ?4), ?2, ?3, ?4)"
+                ))?
+                .execute(params![sid, channel, now as i64, instance])?;
+            }
+            Event::Leave { sid, channel } => {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE session = ?1 AND channel = ?2 AND daemon = ?3"))?
+                    .execute(params![sid, channel, instance])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_follow_events_and_restart_clears() {
+        let dir = std::env::temp_dir().join(format!("comet-rows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app.sqlite");
+        let _ = std::fs::remove_file(&path);
+        prepare(&path, "comet_online", "a").unwrap();
+        let mut c = open(&path).unwrap();
+        let s = |x: &str| x.to_string();
+        apply(
+            &mut c,
+            "comet_online",
+            "a",
+            false,
+            &[
+                Event::Online { sid: s("s1"), user: Some(s("42")) },
+                Event::Join { sid: s("s1"), channel: s("goods") },
+                Event::Online { sid: s("s2"), user: None },
+                Event::Join { sid: s("s2"), channel: s("goods") },
+                Event::Leave { sid: s("s2"), channel: s("goods") },
+                Event::Offline { sid: s("s2") },
+            ],
+            100,
+        )
+        .unwrap();
+        let rows: Vec<(String, Option<String>, String)> = c
+            .prepare("SELECT session, user, channel FROM comet_online ORDER BY session, channel")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(s("s1"), Some(s("42")), s("")), (s("s1"), Some(s("42")), s("goods"))]);
+        // Another instance's rows survive this one's restart.
+        c.execute("INSERT INTO comet_online (session, channel, since, daemon) VALUES ('x', '', 1, 'b')", []).unwrap();
+        prepare(&path, "comet_online", "a").unwrap();
+        let n: i64 = c.query_row("SELECT COUNT(*) FROM comet_online", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
