@@ -14,6 +14,9 @@ use std::sync::Arc;
 /// The path by which a page names its own private channel without knowing its session id.
 pub const MY_CHANNEL: &str = "@me";
 
+/// The browser client, served at `/comet.js` so a page needs nothing else.
+const CLIENT_JS: &[u8] = include_bytes!("comet.js");
+
 /// Why a subscribe request is refused.
 struct Refusal(u16, &'static str);
 
@@ -69,13 +72,20 @@ impl Server {
                 );
                 self.respond(t, 204, &lines, b"", keep_alive)
             }
+            Method::Get if req.path == "/comet.js" => {
+                // Cached for a day; pages that must pick up a new version at once add `?v=`.
+                let lines = format!("{cors}Cache-Control: public, max-age=86400\r\n");
+                self.respond_typed(t, 200, &lines, "application/javascript; charset=utf-8", CLIENT_JS, keep_alive)
+            }
             Method::Get => {
                 let refused = match self.subscribe_target(&req) {
                     Ok(target) => match self.access(t, &req, &target) {
                         Access::Refused(r) => r,
                         access => {
                             let Target { channel, sid, cursor, echo } = target;
-                            let p = PendingPoll { channel, sid, cursor, echo, lines: Arc::from(cors.as_bytes()), keep_alive };
+                            let multipart = req.accept.as_deref().is_some_and(|a| a.contains("multipart/mixed"))
+                                || http::query_arg(&req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
+                            let p = PendingPoll { channel, sid, cursor, echo, lines: Arc::from(cors.as_bytes()), keep_alive, multipart };
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),

@@ -59,6 +59,8 @@ pub struct PendingPoll {
     pub lines: Arc<[u8]>,
     /// Whether the connection stays open after the answer.
     pub keep_alive: bool,
+    /// The client accepts several messages in one `multipart/mixed` answer.
+    pub multipart: bool,
 }
 
 /// What a held poll needs to be answered later.

@@ -201,6 +201,18 @@ impl Hub {
         Poll::Held
     }
 
+    /// Up to `max` buffered messages after `id` (for a batch answer to a client that is behind).
+    pub fn after(&self, name: &str, id: MsgId, max: usize) -> Vec<Arc<Message>> {
+        let Some(ch) = self.channels.get(name) else { return Vec::new() };
+        let i = ch.messages.partition_point(|m| m.id <= id);
+        ch.messages.range(i..).take(max).cloned().collect()
+    }
+
+    /// Counts messages handed out in a batch beyond the first.
+    pub fn count_delivered(&mut self, n: usize) {
+        self.stats.delivered += n as u64;
+    }
+
     /// Removes waiter `hold` (timed out, or its connection went away).
     pub fn cancel(&mut self, name: &str, hold: u64) {
         if let Some(ch) = self.channels.get_mut(name) {

@@ -31,6 +31,21 @@ const CONTROL: Token = Token(usize::MAX - 2);
 const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 4);
 
+/// Most messages in one multipart answer.
+const MAX_BATCH: usize = 100;
+
+/// A boundary no body will contain by chance: 128 bits from the std hasher's random keys.
+fn make_boundary() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::from("comet-");
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i ^ std::process::id() as u64);
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
 /// The pub/sub channel on which backends receive presence events.
 pub const PRESENCE_CHANNEL: &str = "__presence__";
 
@@ -106,6 +121,12 @@ pub struct Server {
     pub presence: crate::presence::Presence,
     /// Presence events gathered this turn, sent before the next poll.
     pub events: Vec<crate::presence::Event>,
+    /// The cached `Date:` line and the second it was made for.
+    date: String,
+    date_secs: u64,
+    /// The multipart boundary: random per daemon run, so a message body cannot contain it by
+    /// accident, and the same for every batch, so message tails are shared as they are.
+    boundary: String,
     /// Presence events waiting to be written as rows.
     rows_batch: Vec<crate::presence::Event>,
     /// A batch of rows is being written (one at a time keeps rows in event order).
@@ -204,6 +225,9 @@ impl Server {
             presence: crate::presence::Presence::new(cfg.presence.grace),
             events: Vec::new(),
             rows_batch: Vec::new(),
+            date: String::new(),
+            date_secs: 0,
+            boundary: make_boundary(),
             rows_in_flight: false,
             rows_resync: false,
             backend_subs: Default::default(),
@@ -668,10 +692,13 @@ impl Server {
 
     /// `respond` with a content type.
     pub fn respond_typed(&mut self, t: usize, status: u16, lines: &str, content_type: &str, body: &[u8], keep_alive: bool) {
+        self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
         let ct = if body.is_empty() { "" } else { content_type };
+        let date = &self.date;
         c.out.append(|out| {
-            let mut all = String::with_capacity(lines.len() + 24);
+            let mut all = String::with_capacity(lines.len() + 64);
+            all.push_str(date);
             all.push_str(lines);
             all.push_str(http::connection_header(keep_alive));
             http::response(out, status, all.as_bytes(), ct, body);
@@ -706,6 +733,15 @@ impl Server {
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
             crate::hub::Poll::Message(m) => {
                 self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
+                if p.multipart {
+                    let rest = self.hub.after(&p.channel, m.id, MAX_BATCH - 1);
+                    if !rest.is_empty() {
+                        let mut batch = Vec::with_capacity(rest.len() + 1);
+                        batch.push(m);
+                        batch.extend(rest);
+                        return self.answer_batch(t, &p.lines, batch, p.keep_alive);
+                    }
+                }
                 self.answer_message(t, &p.lines, m, p.keep_alive)
             }
             crate::hub::Poll::Held => {
@@ -719,9 +755,12 @@ impl Server {
     }
 
     fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: Arc<Message>, keep_alive: bool) {
+        self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
+        let date = &self.date;
         c.out.append(|o| {
             o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            o.extend_from_slice(date.as_bytes());
             o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
         });
         if !lines.is_empty() {
@@ -729,6 +768,61 @@ impl Server {
         }
         c.out.push(Chunk::Msg(m));
         self.finish_request(t, keep_alive);
+    }
+
+    /// Answers with several buffered messages in one `multipart/mixed` response, as nchan's
+    /// `nchan_longpoll_multipart_response` does. Each part is `--boundary`, then the message's
+    /// shared tail (its headers, a blank line, its body): no message is encoded again. The
+    /// response's own `Last-Modified`/`Etag` are the last message's, so the client's next
+    /// poll continues after the batch.
+    fn answer_batch(&mut self, t: usize, lines: &Arc<[u8]>, batch: Vec<Arc<Message>>, keep_alive: bool) {
+        self.refresh_date();
+        let Some(last) = batch.last().map(|m| m.id) else { return };
+        let boundary = &self.boundary;
+        let framing = boundary.len() + 6; // "--" boundary "\r\n" before, "\r\n" after
+        let len: usize = batch.iter().map(|m| m.http_tail.len() + framing).sum::<usize>() + boundary.len() + 6;
+        self.hub.count_delivered(batch.len() - 1);
+        let Some(c) = self.conns.get_mut(t) else { return };
+        let date = &self.date;
+        c.out.append(|o| {
+            o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            o.extend_from_slice(date.as_bytes());
+            o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
+            o.extend_from_slice(http::cursor_headers(Some(last)).as_bytes());
+            o.extend_from_slice(
+                format!(
+                    "Vary: If-None-Match, If-Modified-Since\r\nCache-Control: no-cache, no-store\r\nContent-Type: multipart/mixed; boundary={boundary}\r\nContent-Length: {len}\r\n"
+                )
+                .as_bytes(),
+            );
+        });
+        if !lines.is_empty() {
+            c.out.push(Chunk::Shared(lines.clone()));
+        }
+        c.out.append(|o| o.extend_from_slice(b"\r\n"));
+        for m in batch {
+            c.out.append(|o| {
+                o.extend_from_slice(b"--");
+                o.extend_from_slice(boundary.as_bytes());
+                o.extend_from_slice(b"\r\n");
+            });
+            c.out.push(Chunk::Msg(m));
+            c.out.append(|o| o.extend_from_slice(b"\r\n"));
+        }
+        c.out.append(|o| {
+            o.extend_from_slice(b"--");
+            o.extend_from_slice(boundary.as_bytes());
+            o.extend_from_slice(b"--\r\n");
+        });
+        self.finish_request(t, keep_alive);
+    }
+
+    /// Keeps the `Date:` line current: formatted once per second, not per response.
+    fn refresh_date(&mut self) {
+        if self.date_secs != self.now_secs {
+            self.date_secs = self.now_secs;
+            self.date = format!("Date: {}\r\n", crate::time::http_date(self.now_secs));
+        }
     }
 
     /// Takes the held poll of connection `t` if it is still hold `id`.

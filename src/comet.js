@@ -1,0 +1,292 @@
+/*! comet.js: the browser client of the comet push daemon (nchan long-poll protocol). MIT.
+ *
+ *   var sub = Comet.subscribe('/push', 'goods', {
+ *     onMessage: function (data, meta) { ... },   // meta.channel, meta.id ("time:tag"), ...
+ *     onError:   function (status, sub) { ... },  // 0 / 5xx / ...: it retries by itself
+ *     onClose:   function (status, sub) { ... },  // 403 / 410 / ...: it has stopped
+ *     persist:   true                             // resume after a reload (sessionStorage)
+ *   });
+ *   sub.stop();
+ *
+ * Dependency-free; see docs/client.md for every option. */
+(function (root, factory) {
+  var Comet = factory(root);
+  if (typeof module === 'object' && module.exports) module.exports = Comet;
+  else root.Comet = Comet;
+})(typeof self !== 'undefined' ? self : this, function (root) {
+  'use strict';
+
+  // Statuses after which polling again cannot help: the page must act (log in again, ...).
+  var FINAL = { 400: 1, 401: 1, 403: 1, 404: 1, 405: 1, 410: 1 };
+  var unloading = false;
+  if (root && root.addEventListener) {
+    // Navigating away aborts the poll (status 0): that is not an error worth showing.
+    root.addEventListener('pagehide', function () { unloading = true; });
+    root.addEventListener('pageshow', function () { unloading = false; });
+  }
+
+  function noop() {}
+
+  // Channel ids use A-Z a-z 0-9 _ - . : ~ , and "@me": all safe in a path, keep them readable.
+  function encodeChannel(ch) {
+    return encodeURIComponent(ch).replace(/%40/g, '@').replace(/%3A/gi, ':').replace(/%2C/gi, ',');
+  }
+
+  // "Sun, 06 Nov 1994 08:49:37 GMT" + "3" -> {time, tag}; null when there is no cursor.
+  function cursorFrom(lastModified, etag) {
+    if (!lastModified) return null;
+    var ms = Date.parse(lastModified);
+    if (isNaN(ms)) return null;
+    var tag = parseInt(String(etag || '0').replace(/^W\//, '').replace(/"/g, ''), 10);
+    return { time: Math.floor(ms / 1000), tag: isNaN(tag) ? 0 : tag };
+  }
+
+  function cursorString(c) { return c ? c.time + ':' + c.tag : null; }
+
+  function parseCursor(s) {
+    var m = /^(\d+):(\d+)$/.exec(String(s || ''));
+    return m ? { time: +m[1], tag: +m[2] } : null;
+  }
+
+  // "Name: value" lines -> {name (lowercase): value}.
+  function parseHeaders(text) {
+    var h = {}, lines = text.split(/\r?\n/);
+    for (var i = 0; i < lines.length; i++) {
+      var c = lines[i].indexOf(':');
+      if (c > 0) h[lines[i].slice(0, c).trim().toLowerCase()] = lines[i].slice(c + 1).trim();
+    }
+    return h;
+  }
+
+  // A multipart/mixed body -> [{headers, body}], as nchan and comet send batches:
+  // "--B\r\n" headers "\r\n\r\n" body "\r\n--B\r\n" ... "\r\n--B--". The CRLF before a
+  // delimiter belongs to the delimiter (RFC 2046), so a body is never trimmed further. Split on
+  // the delimiter rather than counting Content-Length: responseText counts UTF-16 units, not bytes.
+  function parseMultipart(text, boundary) {
+    var delim = '--' + boundary, parts = [];
+    var pos = text.indexOf(delim);
+    while (pos !== -1) {
+      pos += delim.length;
+      if (text.substr(pos, 2) === '--') break; // the close delimiter
+      var eol = text.indexOf('\n', pos); // the rest of the delimiter line (transport padding)
+      if (eol === -1) break;
+      pos = eol + 1;
+      var next = text.indexOf('\n' + delim, pos);
+      var end = next === -1 ? text.length : next;
+      if (next !== -1 && text.charAt(next - 1) === '\r') end = next - 1;
+      var part = text.slice(pos, end), head = '', body;
+      if (/^\r?\n/.test(part)) {
+        body = part.replace(/^\r?\n/, ''); // no headers at all
+      } else {
+        var m = /\r?\n\r?\n/.exec(part);
+        head = m ? part.slice(0, m.index) : part;
+        body = m ? part.slice(m.index + m[0].length) : '';
+      }
+      parts.push({ headers: parseHeaders(head), body: body });
+      if (next === -1) break;
+      pos = next + 1;
+    }
+    return parts;
+  }
+
+  function boundaryOf(contentType) {
+    var m = /^\s*multipart\/mixed\s*;.*?boundary=(?:"([^"]+)"|([^;\s]+))/i.exec(contentType || '');
+    return m ? (m[1] || m[2]) : null;
+  }
+
+  function storage() {
+    try { return root.sessionStorage || null; } catch (e) { return null; }
+  }
+
+  /** One long-poll subscription to one channel. */
+  function Subscription(base, channel, opts) {
+    opts = opts || {};
+    this.channel = channel;
+    this.url = String(base || '').replace(/\/+$/, '') + '/sub/' + encodeChannel(channel);
+    this.opts = opts;
+    this.onMessage = opts.onMessage || noop;
+    this.onError = opts.onError || noop;
+    this.onClose = opts.onClose || noop;
+    this.running = false;
+    this.attempt = 0; // errors in a row, for the backoff
+    this.storeKey = opts.persist ? 'comet:' + this.url : null;
+    this.cursor = parseCursor(opts.since) || this.load();
+    this.xhr = null;
+    this.timer = null;
+    var self = this;
+    this.wake = function () { if (self.timer && self.running) { self.clearTimer(); self.poll(); } };
+    this.start();
+  }
+
+  Subscription.prototype.load = function () {
+    var s = this.storeKey && storage();
+    try { return s ? parseCursor(s.getItem(this.storeKey)) : null; } catch (e) { return null; }
+  };
+
+  Subscription.prototype.save = function () {
+    var s = this.storeKey && storage();
+    try { if (s && this.cursor) s.setItem(this.storeKey, cursorString(this.cursor)); } catch (e) { /* full or off */ }
+  };
+
+  /** The last message id seen, "time:tag", or null. */
+  Subscription.prototype.lastId = function () { return cursorString(this.cursor); };
+
+  Subscription.prototype.start = function () {
+    if (this.running) return this;
+    this.running = true;
+    if (root && root.addEventListener) root.addEventListener('online', this.wake);
+    this.poll();
+    return this;
+  };
+
+  /** Stops polling; no callback is called after this. */
+  Subscription.prototype.stop = function () {
+    this.running = false;
+    this.clearTimer();
+    if (root && root.removeEventListener) root.removeEventListener('online', this.wake);
+    if (this.xhr) {
+      var x = this.xhr;
+      this.xhr = null;
+      try { x.abort(); } catch (e) { /* already done */ }
+    }
+    return this;
+  };
+
+  Subscription.prototype.clearTimer = function () {
+    if (this.timer) { clearTimeout(this.timer); this.timer = null; }
+  };
+
+  Subscription.prototype.poll = function () {
+    if (!this.running) return;
+    var self = this, o = this.opts, url = this.url, q = [];
+    if (o.query) q.push(String(o.query).replace(/^[?&]/, ''));
+    // The cursor goes in the query (no CORS preflight, nchan's way) or in the headers.
+    if (this.cursor && o.cursorIn === 'query') q.push('last_event_id=' + encodeURIComponent(cursorString(this.cursor)));
+    if (q.length) url += (url.indexOf('?') === -1 ? '?' : '&') + q.join('&');
+    var x = new XMLHttpRequest();
+    this.xhr = x;
+    x.open('GET', url, true);
+    x.withCredentials = o.withCredentials !== false;
+    if (o.timeout !== 0) x.timeout = o.timeout || 75000;
+    if (this.cursor && o.cursorIn !== 'query') {
+      x.setRequestHeader('If-Modified-Since', new Date(this.cursor.time * 1000).toUTCString());
+      x.setRequestHeader('If-None-Match', String(this.cursor.tag));
+    }
+    if (o.multipart !== false) x.setRequestHeader('Accept', 'multipart/mixed, */*;q=0.5');
+    x.onreadystatechange = function () {
+      if (x.readyState !== 4 || self.xhr !== x) return;
+      self.xhr = null;
+      self.done(x);
+    };
+    // A poll older than the timeout is presumed dead (a half-open TCP connection): poll again.
+    x.ontimeout = function () { if (self.xhr === x) { self.xhr = null; self.poll(); } };
+    x.send();
+  };
+
+  Subscription.prototype.done = function (x) {
+    if (!this.running) return;
+    var status = x.status;
+    if (status === 200) {
+      this.attempt = 0;
+      try { this.deliver(x); } catch (e) { this.fail(status, e); return; }
+      this.poll();
+    } else if (status === 408 || status === 304 || status === 204) {
+      // Nothing new within the hold time: poll again at once, with the echoed cursor if any.
+      this.attempt = 0;
+      this.cursor = cursorFrom(x.getResponseHeader('Last-Modified'), x.getResponseHeader('Etag')) || this.cursor;
+      this.poll();
+    } else if (FINAL[status]) {
+      this.stop();
+      this.onClose(status, this);
+    } else {
+      // 0 (network error, daemon down), 5xx, 429, ...: back off and try again.
+      var after = parseFloat(x.getResponseHeader('Retry-After'));
+      if (status === 503) this.cursor = cursorFrom(x.getResponseHeader('Last-Modified'), x.getResponseHeader('Etag')) || this.cursor;
+      this.fail(status, null, isNaN(after) ? 0 : after * 1000);
+    }
+  };
+
+  // Calls onMessage for the message(s) of a 200 answer and moves the cursor past them.
+  Subscription.prototype.deliver = function (x) {
+    var type = x.getResponseHeader('Content-Type') || '';
+    var boundary = boundaryOf(type);
+    var msgs = [];
+    var last = cursorFrom(x.getResponseHeader('Last-Modified'), x.getResponseHeader('Etag'));
+    var chan = x.getResponseHeader('X-Comet-Channel');
+    if (boundary) {
+      var parts = parseMultipart(x.responseText || '', boundary);
+      for (var i = 0; i < parts.length; i++) {
+        var h = parts[i].headers;
+        var id = cursorFrom(h['last-modified'], h.etag);
+        if (i === parts.length - 1) id = last || id; // the response's cursor is the batch's end
+        msgs.push({ data: parts[i].body, id: id, type: h['content-type'] || '', channel: h['x-comet-channel'] || chan });
+      }
+    } else {
+      msgs.push({ data: x.responseText || '', id: last, type: type, channel: chan });
+    }
+    for (var j = 0; j < msgs.length; j++) {
+      var m = msgs[j];
+      if (m.id) this.cursor = m.id;
+      if (j === msgs.length - 1 && last) this.cursor = last;
+      this.save();
+      var meta = {
+        id: cursorString(m.id), time: m.id ? m.id.time : null, tag: m.id ? m.id.tag : null,
+        channel: m.channel || this.channel, subscription: this.channel, contentType: m.type,
+        batch: msgs.length > 1 ? { index: j, size: msgs.length } : null
+      };
+      var data = m.data;
+      if (this.opts.json) {
+        try { data = JSON.parse(data); } catch (e) { this.onError(200, this, e, m.data); continue; }
+      }
+      try {
+        this.onMessage(data, meta, this);
+      } catch (e) {
+        // A bug in the page's handler must not stop the stream (nor be retried): report it.
+        setTimeout(function () { throw e; }, 0);
+      }
+      if (!this.running) return; // stopped from inside onMessage
+    }
+  };
+
+  Subscription.prototype.fail = function (status, error, minDelay) {
+    this.attempt++;
+    var o = this.opts, min = o.retryMin || 1000, max = o.retryMax || 30000;
+    var d = Math.min(max, min * Math.pow(2, Math.min(this.attempt - 1, 20)));
+    // Jitter: a daemon restart must not see every page come back in the same millisecond.
+    d = Math.max(d / 2 + Math.random() * d / 2, (minDelay || 0) * (1 + Math.random() * 0.5));
+    if (!unloading) this.onError(status, this, error || null, d);
+    if (!this.running) return;
+    var self = this;
+    this.clearTimer();
+    this.timer = setTimeout(function () { self.timer = null; self.poll(); }, d);
+  };
+
+  /** Several subscriptions stopped together. */
+  function Group(subs) { this.subs = subs; }
+  Group.prototype.stop = function () {
+    for (var i = 0; i < this.subs.length; i++) this.subs[i].stop();
+    return this;
+  };
+
+  return {
+    version: '1.0.0',
+    /**
+     * Comet.subscribe(base, channel | [channels], options) -> Subscription (or a Group with
+     * .subs and .stop() for an array). base: where the daemon's browser listener is mounted
+     * ("/push", "https://push.site.com"); channel: a channel id, or "@me" for the session's
+     * private stream.
+     */
+    subscribe: function (base, channel, opts) {
+      if (Object.prototype.toString.call(channel) === '[object Array]') {
+        var subs = [];
+        for (var i = 0; i < channel.length; i++) subs.push(new Subscription(base, channel[i], opts));
+        return new Group(subs);
+      }
+      return new Subscription(base, channel, opts);
+    },
+    Subscription: Subscription,
+    // Exposed for tests.
+    _parseMultipart: parseMultipart,
+    _cursorFrom: cursorFrom
+  };
+});
