@@ -7,6 +7,13 @@ use crate::http::{self, Method, Request};
 use crate::hub;
 use crate::server::Server;
 
+/// The admin page, served at `/` on the admin listener.
+const ADMIN_PAGE: &[u8] = include_bytes!("admin.html");
+
+/// The hub channel the admin page's live snapshots go to. `@` is not a channel id character,
+/// so no browser on the public listener can subscribe to it.
+pub const ADMIN_CHANNEL: &str = "@admin";
+
 /// Compares secrets in time independent of where they differ.
 pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -31,6 +38,11 @@ impl Server {
     /// Handles one request on the admin listener.
     pub(crate) fn admin_request(&mut self, t: usize, req: Request, body: Vec<u8>) {
         let ka = req.keep_alive;
+        if req.path == "/" && req.method() == Method::Get {
+            // The page holds no data: it asks for the token (kept in the URL fragment, never sent
+            // to a server) and uses it to long-poll /live.
+            return self.respond_typed(t, 200, "Cache-Control: no-cache\r\n", "text/html; charset=utf-8", ADMIN_PAGE, ka);
+        }
         if !self.cfg.tokens.is_empty() {
             let secret = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
             if secret.and_then(|s| self.token_by_secret(s.as_bytes())).is_none() {
@@ -39,13 +51,36 @@ impl Server {
                 return self.respond(t, 401, "WWW-Authenticate: Bearer\r\n", b"a token is required: Authorization: Bearer <secret>", ka);
             }
         }
-        if req.path == "/status" {
-            return match req.method() {
-                Method::Get => {
-                    let text = self.info_text();
-                    self.respond(t, 200, "", text.as_bytes(), ka)
-                }
-                _ => self.respond(t, 405, "Allow: GET\r\n", b"GET only", ka),
+        if req.path == "/live" && req.method() == Method::Get {
+            // The admin page's push: a long-poll on the snapshots the loop publishes each second
+            // while someone watches.
+            let echo = match http::cursor(&req) {
+                Ok(c) => c,
+                Err(e) => return self.reject(t, e.status, e.reason, ka),
+            };
+            let cursor = echo.map_or(hub::Cursor::Newest, hub::Cursor::After);
+            let p = crate::conn::PendingPoll {
+                channel: ADMIN_CHANNEL.into(),
+                sid: String::new(),
+                cursor,
+                echo,
+                lines: std::sync::Arc::from(&b""[..]),
+                keep_alive: ka,
+                multipart: false,
+                asked: self.now,
+            };
+            return self.hold(t, p, None);
+        }
+        if matches!(req.path.as_str(), "/status" | "/metrics") {
+            if req.method() != Method::Get {
+                return self.respond(t, 405, "Allow: GET\r\n", b"GET only", ka);
+            }
+            return if req.path == "/metrics" {
+                let text = self.metrics_text();
+                self.respond_typed(t, 200, "", "text/plain; version=0.0.4", text.as_bytes(), ka)
+            } else {
+                let json = self.status_json();
+                self.respond_typed(t, 200, "", "application/json", json.as_bytes(), ka)
             };
         }
         let channel = if let Some(rest) = req.path.strip_prefix("/pub/") {

@@ -61,6 +61,8 @@ pub struct PendingPoll {
     pub keep_alive: bool,
     /// The client accepts several messages in one `multipart/mixed` answer.
     pub multipart: bool,
+    /// When the request arrived (for the access-check latency metric).
+    pub asked: std::time::Instant,
 }
 
 /// What a held poll needs to be answered later.

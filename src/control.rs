@@ -139,6 +139,7 @@ impl Server {
                     Ok(sid) if hub::valid_session(sid) => {
                         let user = args.get(2).map(|u| String::from_utf8_lossy(u).into_owned());
                         crate::debug!("session {sid} opened (user {user:?})");
+                        self.presence.set_user(sid, user.clone());
                         self.hub.open_session(sid, user);
                         Reply::Simple("OK")
                     }

@@ -13,7 +13,8 @@
 //! resp.rs      RESP2 commands parsed (pure), replies encoded       /  bytes in, result out
 //! browser.rs   a poll: identify the session, check the channel, hold or answer
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
-//! admin.rs     the push module's publisher endpoint, /status
+//! admin.rs     the push module's publisher endpoint, /status, /metrics, the admin page
+//! metrics.rs   Prometheus text, status JSON, the admin page's live snapshot
 //! auth.rs      access checks: open patterns, signed keys, cache; SQLite and HTTP jobs
 //! worker.rs    the pool that runs blocking jobs, answering through the loop's Waker
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
@@ -21,6 +22,7 @@
 //! presence_rows.rs  those events as rows in the application's SQLite (worker jobs)
 //! time.rs      HTTP dates and log stamps
 //! log.rs       one line per event on stderr
+//! notify.rs    systemd's READY=1 / STOPPING=1 / WATCHDOG=1
 //! ```
 //!
 //! `docs/architecture.md` walks one request through these files.
@@ -34,6 +36,8 @@ pub mod control;
 pub mod http;
 pub mod hub;
 pub mod log;
+pub mod metrics;
+pub mod notify;
 pub mod presence;
 pub mod presence_rows;
 pub mod resp;

@@ -102,9 +102,10 @@ pub struct Presence {
     last_stamp: u64,
 }
 
-/// Whether a channel is a session's private channel (not a place where visitors meet).
+/// Whether a channel is a session's private channel or an internal one (`@admin`): not a place
+/// where visitors meet.
 fn private(channel: &str) -> bool {
-    channel.starts_with(crate::hub::SESSION_PREFIX)
+    channel.starts_with(crate::hub::SESSION_PREFIX) || channel.starts_with('@')
 }
 
 impl Presence {
@@ -294,6 +295,22 @@ impl Presence {
     /// Online sessions with their user ids, sorted by session id.
     pub fn online(&self) -> Vec<(String, Option<String>)> {
         let mut v: Vec<_> = self.visitors.iter().filter(|(_, v)| v.online()).map(|(s, v)| (s.to_string(), v.user.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// At most `limit` online sessions (any), sorted: for the admin page, whose cost must not
+    /// grow with the number online.
+    pub fn online_sample(&self, limit: usize) -> Vec<(String, Option<String>)> {
+        let mut v: Vec<_> =
+            self.visitors.iter().filter(|(_, v)| v.online()).take(limit).map(|(s, v)| (s.to_string(), v.user.clone())).collect();
+        v.sort();
+        v
+    }
+
+    /// At most `limit` channels with browsers and their counts, sorted by name.
+    pub fn channels_sample(&self, limit: usize) -> Vec<(String, usize)> {
+        let mut v: Vec<_> = self.members.keys().chain(self.anon.keys().filter(|k| !self.members.contains_key(*k))).take(limit).map(|c| (c.to_string(), self.numsub(c))).collect();
         v.sort();
         v
     }

@@ -109,7 +109,17 @@ pub struct Counters {
     pub jobs_refused: u64,
     /// Jobs whose answer came too late (504).
     pub jobs_timed_out: u64,
+    /// Access checks answered by a worker: allowed, denied, failed (503).
+    pub auth_allowed: u64,
+    pub auth_denied: u64,
+    pub auth_failed: u64,
+    /// Access-check latency histogram: counts per `AUTH_BUCKETS` bound, then the sum in seconds.
+    pub auth_latency: [u64; AUTH_BUCKETS.len()],
+    pub auth_latency_sum: f64,
 }
+
+/// Upper bounds (seconds) of the access-check latency histogram buckets.
+pub const AUTH_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// The daemon's state, owned by the loop thread.
 pub struct Server {
@@ -170,6 +180,13 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     /// Shutdown deadline once a shutdown began.
     stopping: Option<Instant>,
+    /// systemd notifications.
+    notifier: crate::notify::Notifier,
+    /// When the admin page's next snapshot is due, and the published count at the last one.
+    admin_tick: Instant,
+    admin_last_published: u64,
+    /// When the next `WATCHDOG=1` is due.
+    watchdog_at: Option<Instant>,
 }
 
 /// The error a start-up step failed with.
@@ -251,6 +268,10 @@ impl Server {
             handle: Handle { waker, shutdown: Arc::new(AtomicBool::new(false)) },
             accept_paused_until: None,
             stopping: None,
+            notifier: crate::notify::Notifier::from_env(),
+            watchdog_at: None,
+            admin_tick: Instant::now(),
+            admin_last_published: 0,
             cfg,
         })
     }
@@ -269,6 +290,8 @@ impl Server {
     /// Runs until shut down.
     pub fn run(&mut self) -> io::Result<()> {
         info!("ready browser={} control={} admin={}", self.addrs[0], self.addrs[1], self.addrs[2]);
+        self.notifier.send("READY=1");
+        self.watchdog_at = self.notifier.watchdog.map(|d| Instant::now() + d);
         let mut events = Events::with_capacity(1024);
         loop {
             self.before_sleep();
@@ -355,6 +378,9 @@ impl Server {
         if let Some(at) = self.stopping {
             next = next.min(at);
         }
+        if let Some(at) = self.watchdog_at {
+            next = next.min(at);
+        }
         Some(next.saturating_duration_since(Instant::now()))
     }
 
@@ -436,6 +462,19 @@ impl Server {
             Outcome::Access(v) => v,
             Outcome::Failed | Outcome::Rows(_) => Verdict::Deny(503),
         };
+        let took = self.now.saturating_duration_since(p.asked).as_secs_f64();
+        let k = &mut self.counters;
+        k.auth_latency_sum += took;
+        for (i, bound) in AUTH_BUCKETS.iter().enumerate() {
+            if took <= *bound {
+                k.auth_latency[i] += 1;
+            }
+        }
+        match verdict {
+            Verdict::Allow(_) => k.auth_allowed += 1,
+            Verdict::Deny(503 | 504) => k.auth_failed += 1,
+            Verdict::Deny(_) => k.auth_denied += 1,
+        }
         // Transient failures (database locked, callback down) are not remembered.
         if !matches!(verdict, Verdict::Deny(503 | 504)) {
             self.auth_cache.put(&p.sid, &p.channel, verdict.clone(), self.now);
@@ -817,6 +856,23 @@ impl Server {
         self.finish_request(t, keep_alive);
     }
 
+    /// Publishes the admin page's snapshot, only while an admin page is watching. Snapshots are
+    /// not counted as published or delivered messages.
+    fn admin_publish(&mut self) {
+        let ch = crate::admin::ADMIN_CHANNEL;
+        if self.hub.info(ch, self.now_secs).is_none_or(|i| i.subscribers == 0) {
+            self.admin_last_published = self.hub.stats.published;
+            return;
+        }
+        let rate = self.hub.stats.published.saturating_sub(self.admin_last_published) as f64;
+        let snap = self.admin_snapshot(rate);
+        let (before_p, before_d) = (self.hub.stats.published, self.hub.stats.delivered);
+        self.publish_one(ch, ch, "application/json", snap.as_bytes());
+        self.hub.stats.published = before_p;
+        self.hub.stats.delivered = before_d;
+        self.admin_last_published = before_p;
+    }
+
     /// Keeps the `Date:` line current: formatted once per second, not per response.
     fn refresh_date(&mut self) {
         if self.date_secs != self.now_secs {
@@ -1008,6 +1064,17 @@ impl Server {
                 self.kill(x.token);
             }
         }
+        if now >= self.admin_tick {
+            self.admin_tick = now + Duration::from_secs(1);
+            self.admin_publish();
+        }
+        if let (Some(at), Some(every)) = (self.watchdog_at, self.notifier.watchdog) {
+            if at <= now {
+                // Sent from the loop itself: if the loop stalls, systemd notices.
+                self.notifier.send("WATCHDOG=1");
+                self.watchdog_at = Some(now + every);
+            }
+        }
         if self.accept_paused_until.is_some_and(|at| at <= now) {
             self.accept_paused_until = None;
             self.accept(0, Kind::Browser);
@@ -1020,6 +1087,7 @@ impl Server {
 
     fn begin_shutdown(&mut self) {
         info!("shutting down: {} connections, {} held polls", self.conns.len(), self.hub.held_count());
+        self.notifier.send("STOPPING=1");
         for l in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
                 let _ = self.poll.registry().deregister(&mut l);

@@ -501,7 +501,7 @@ fn admin_requires_bearer_token() {
 
     let r = d.admin().request(&request("GET", "/status", &[BEARER], ""));
     assert_eq!(r.status, 200, "{r}");
-    assert!(r.text().contains("held_polls:"), "status is the INFO text:\n{r}");
+    assert!(r.text().contains("\"held_polls\":"), "status is the INFO fields as JSON:\n{r}");
 }
 
 #[test]
