@@ -7,6 +7,7 @@
 //! CORS, connections, control socket, limits, command line, shutdown, real clients.
 
 mod common;
+#[path = "integration/ops.rs"] mod ops;
 
 use common::*;
 use std::collections::HashMap;

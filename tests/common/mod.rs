@@ -218,8 +218,14 @@ impl Daemon {
 
     /// Starts the daemon with `config` and waits (10 s at most) for its `ready` line.
     pub fn start_with(config: &Config) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// `start_with`, with extra environment variables for the daemon.
+    pub fn start_with_env(config: &Config, env: &[(&str, &str)]) -> Daemon {
         let (dir, path) = write_config(&config.text());
         let mut child = Command::new(comet_bin())
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&path)
             .stdin(Stdio::null())

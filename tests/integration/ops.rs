@@ -1,0 +1,154 @@
+//! Operations and delivery details: the systemd notify protocol, metrics, the admin page's live
+//! feed, multipart batches, `/comet.js`.
+
+use crate::common::*;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+const BEARER: (&str, &str) = ("Authorization", "Bearer s3cret-token");
+
+fn recv_state(sock: &UnixDatagram, want: &str, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        sock.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(ms(1)))).unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = s == want;
+                seen.push(s);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    panic!("no {want:?} within {timeout:?}; got {seen:?}");
+}
+
+#[test]
+fn systemd_notify_ready_watchdog_stopping() {
+    let path = temp_dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let p = path.to_str().unwrap();
+    let mut d = Daemon::start_with_env(&Config::default(), &[("NOTIFY_SOCKET", p), ("WATCHDOG_USEC", "200000")]);
+    let seen = recv_state(&sock, "READY=1", ms(2000));
+    assert_eq!(seen, ["READY=1"], "READY=1 first, once the listeners are open");
+    // Half the watchdog interval: at least two pings within 400 ms.
+    recv_state(&sock, "WATCHDOG=1", ms(1000));
+    recv_state(&sock, "WATCHDOG=1", ms(1000));
+    d.sigterm();
+    recv_state(&sock, "STOPPING=1", ms(2000));
+    assert!(d.wait_exit(Duration::from_secs(3)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn no_watchdog_pings_for_another_pid() {
+    let path = temp_dir().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let p = path.to_str().unwrap();
+    let _d = Daemon::start_with_env(&Config::default(), &[("NOTIFY_SOCKET", p), ("WATCHDOG_USEC", "100000"), ("WATCHDOG_PID", "1")]);
+    recv_state(&sock, "READY=1", ms(2000));
+    sock.set_read_timeout(Some(ms(400))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(sock.recv(&mut buf).is_err(), "WATCHDOG_PID names another process: no pings");
+}
+
+#[test]
+fn metrics_and_status_json() {
+    let d = Daemon::start();
+    let mut poll = d.browser();
+    poll.send(&get("/sub/goods", &[("Cookie", "PHPSESSID=m1")]));
+    d.wait_held(1);
+    let m = d.admin().request(&request("GET", "/metrics", &[BEARER], ""));
+    assert_eq!(m.status, 200);
+    assert!(m.must("Content-Type").starts_with("text/plain; version=0.0.4"));
+    let text = m.text();
+    for line in ["comet_held_polls 1", "comet_sessions_online 1", "comet_connections{listener=\"browser\"} 1", "comet_auth_check_seconds_count 0"] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    let s = d.admin().request(&request("GET", "/status", &[BEARER], ""));
+    assert_eq!(s.must("Content-Type"), "application/json");
+    assert!(s.text().contains("\"held_polls\":1,"), "{s}");
+    assert!(s.text().contains("\"comet_version\":\"0.1.0\""), "{s}");
+    d.publish("goods", "x");
+    assert_eq!(poll.response().status, 200);
+}
+
+#[test]
+fn admin_page_is_served_and_live_feed_pushes_snapshots() {
+    let d = Daemon::start();
+    let page = d.admin().request(&get("/", &[]));
+    assert_eq!(page.status, 200);
+    assert!(page.must("Content-Type").starts_with("text/html"));
+    assert!(page.text().contains("/live"));
+    // The feed needs the token.
+    assert_eq!(d.admin().request(&get("/live", &[])).status, 401);
+    let mut visitor = d.browser();
+    visitor.send(&get("/sub/goods", &[("Cookie", "PHPSESSID=v1")]));
+    d.wait_held(1);
+    let mut live = d.admin();
+    let first = live.request(&get("/live", &[BEARER]));
+    assert_eq!(first.status, 200, "{first}");
+    let body = first.text();
+    assert!(body.contains("\"online\":[{\"sid\":\"v1\",\"user\":\"\"}]"), "{body}");
+    assert!(body.contains("{\"name\":\"goods\",\"subscribers\":1}"), "{body}");
+    // The next snapshot follows the cursor, about a second later.
+    let (lm, et) = first.cursor();
+    let t0 = Instant::now();
+    let next = live.request(&get("/live", &[BEARER, ("If-Modified-Since", &lm), ("If-None-Match", &et)]));
+    assert_eq!(next.status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_ne!(next.cursor(), (lm, et));
+    // Snapshots are not counted as messages, and browsers cannot read the admin channel.
+    assert_eq!(d.info()["messages_published"], "0");
+    assert_eq!(d.browser().request(&get("/sub/@admin", &[])).status, 400);
+}
+
+#[test]
+fn multipart_batch_for_a_client_behind() {
+    let d = Daemon::start();
+    for i in 0..3 {
+        d.publish("goods", &format!("m{i}"));
+    }
+    let mut c = d.browser();
+    let r = c.request(&get("/sub/goods", &[("Accept", "multipart/mixed")]));
+    assert_eq!(r.status, 200, "{r}");
+    let ct = r.must("Content-Type").to_string();
+    let boundary = ct.strip_prefix("multipart/mixed; boundary=").expect("multipart content type").to_string();
+    let body = r.text();
+    let parts: Vec<&str> = body.split(&format!("--{boundary}")).collect();
+    // "", three parts, "--\r\n"
+    assert_eq!(parts.len(), 5, "{body}");
+    assert_eq!(parts[4], "--\r\n");
+    for (i, part) in parts[1..4].iter().enumerate() {
+        assert!(part.contains(&format!("Etag: {i}\r\n")), "{part}");
+        assert!(part.ends_with(&format!("\r\n\r\nm{i}\r\n")), "{part:?}");
+    }
+    // The response's cursor is the last message's: the next poll waits for new messages.
+    let (lm, et) = r.cursor();
+    assert_eq!(et, "2");
+    c.send(&get("/sub/goods", &[("If-Modified-Since", &lm), ("If-None-Match", &et), ("Accept", "multipart/mixed")]));
+    c.expect_nothing(ms(300));
+    d.publish("goods", "m3");
+    let r = c.response();
+    assert_eq!(r.text(), "m3", "a single new message comes plain");
+    // Without the Accept header, one message per response, as before.
+    let r = d.browser().request(&get("/sub/goods", &[]));
+    assert_eq!(r.text(), "m0");
+    // The query form.
+    let r = d.browser().request(&get("/sub/goods?multipart=1", &[]));
+    assert!(r.must("Content-Type").starts_with("multipart/mixed"));
+}
+
+#[test]
+fn client_js_is_served_with_caching() {
+    let d = Daemon::start();
+    let r = d.browser().request(&get("/comet.js", &[]));
+    assert_eq!(r.status, 200);
+    assert!(r.must("Content-Type").starts_with("application/javascript"));
+    assert!(r.must("Cache-Control").contains("max-age="));
+    assert!(!r.body.is_empty());
+}
