@@ -35,6 +35,22 @@ impl Server {
         found
     }
 
+    /// Logs a wrong token, at most one line a second (with how many were held back), and the
+    /// moment an address is put under penalty.
+    pub(crate) fn log_auth_failure(&mut self, peer: std::net::SocketAddr, listener: &str, blocked: bool) {
+        if blocked {
+            crate::warn!(
+                "{listener}: {} refused for {} s after {} failed token checks",
+                peer.ip(),
+                self.cfg.limits.auth_penalty.as_secs(),
+                self.cfg.limits.auth_max_failures
+            );
+        } else if let Some(held_back) = self.guard.may_log(self.now) {
+            let more = if held_back > 0 { format!(" ({held_back} more since the last line)") } else { String::new() };
+            crate::warn!("{listener}: wrong token from {peer}{more}");
+        }
+    }
+
     /// Handles one request on the admin listener.
     pub(crate) fn admin_request(&mut self, t: usize, req: Request, body: Vec<u8>) {
         let ka = req.keep_alive;
@@ -44,10 +60,20 @@ impl Server {
             return self.respond_typed(t, 200, "Cache-Control: no-cache\r\n", "text/html; charset=utf-8", ADMIN_PAGE, ka);
         }
         if !self.cfg.tokens.is_empty() {
+            let peer = self.conns[t].peer;
+            if let Some(left) = self.guard.blocked(peer.ip(), self.now) {
+                self.counters.rejected += 1;
+                let lines = format!("Retry-After: {}\r\n", left.as_secs() + 1);
+                return self.respond(t, 429, &lines, b"too many failed token checks from this address", false);
+            }
             let secret = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
             if secret.and_then(|s| self.token_by_secret(s.as_bytes())).is_none() {
                 self.counters.rejected += 1;
-                crate::warn!("admin request from {} with a missing or wrong token", self.conns[t].peer);
+                // A request without any token is a mistake, not a guess: only wrong tokens count.
+                let blocked = secret.is_some() && self.guard.failed(peer.ip(), self.now);
+                if secret.is_some() {
+                    self.log_auth_failure(peer, "admin", blocked);
+                }
                 return self.respond(t, 401, "WWW-Authenticate: Bearer\r\n", b"a token is required: Authorization: Bearer <secret>", ka);
             }
         }

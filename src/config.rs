@@ -157,6 +157,10 @@ pub struct Limits {
     pub head_timeout: Duration,
     /// Time an idle keep-alive browser or admin connection is kept between requests.
     pub idle_timeout: Duration,
+    /// Failed token checks from one address within a minute before it is refused.
+    pub auth_max_failures: u32,
+    /// How long such an address is refused.
+    pub auth_penalty: Duration,
 }
 
 /// A configuration error: the key and what is wrong with it.
@@ -330,6 +334,8 @@ struct RawLimits {
     max_connections: u64,
     head_timeout_secs: u64,
     idle_timeout_secs: u64,
+    auth_max_failures: u64,
+    auth_penalty_secs: u64,
 }
 
 impl Default for RawLimits {
@@ -342,6 +348,8 @@ impl Default for RawLimits {
             max_connections: 19_000,
             head_timeout_secs: 10,
             idle_timeout_secs: 120,
+            auth_max_failures: 10,
+            auth_penalty_secs: 30,
         }
     }
 }
@@ -446,6 +454,8 @@ impl Config {
             max_connections: range("limits.max_connections", l.max_connections, 1, 10_000_000)? as usize,
             head_timeout: Duration::from_secs(range("limits.head_timeout_secs", l.head_timeout_secs, 1, 3600)?),
             idle_timeout: Duration::from_secs(range("limits.idle_timeout_secs", l.idle_timeout_secs, 1, 86_400)?),
+            auth_max_failures: range("limits.auth_max_failures", l.auth_max_failures, 1, 1_000_000)? as u32,
+            auth_penalty: Duration::from_secs(range("limits.auth_penalty_secs", l.auth_penalty_secs, 0, 86_400)?),
         };
         if limits.max_output_bytes < limits.max_message_bytes + 4096 {
             return err("limits.max_output_bytes", "must exceed limits.max_message_bytes by at least 4096 (one message must fit)");

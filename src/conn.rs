@@ -205,6 +205,8 @@ pub struct Conn {
     pub readable: bool,
     /// Backend authenticated as this token name (RESP/admin).
     pub auth: Option<Box<str>>,
+    /// Failed `AUTH` commands on this connection.
+    pub auth_failures: u8,
     /// `CLIENT SETNAME` value.
     pub name: Option<Box<str>>,
     /// Channels this backend is subscribed to (`SUBSCRIBE`): it is in pub/sub mode when any.

@@ -195,6 +195,13 @@ impl Server {
         if self.cfg.tokens.is_empty() {
             return Reply::Simple("OK");
         }
+        let ip = self.conns[t].peer.ip();
+        if let Some(left) = self.guard.blocked(ip, self.now) {
+            // Even a right token waits out the penalty: guessing from this address is slowed to
+            // `auth_max_failures` tries per penalty period.
+            self.conns[t].close_after_write = true;
+            return Reply::Error(format!("ERR too many failed AUTH attempts from this address; retry in {} s", left.as_secs() + 1));
+        }
         let name = match args {
             [secret] => self.token_by_secret(secret).map(str::to_string),
             [user, secret] => {
@@ -207,19 +214,22 @@ impl Server {
             }
             _ => None,
         };
-        let c = &mut self.conns[t];
-        match name {
-            Some(n) => {
-                crate::info!("backend {} authenticated as {n}", c.peer);
-                c.auth = Some(n.into());
-                Reply::Simple("OK")
-            }
-            None => {
-                crate::warn!("wrong token from {}", c.peer);
-                c.auth = None;
-                Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
-            }
+        if let Some(n) = name {
+            let c = &mut self.conns[t];
+            crate::info!("backend {} authenticated as {n}", c.peer);
+            c.auth = Some(n.into());
+            return Reply::Simple("OK");
         }
+        let blocked = self.guard.failed(ip, self.now);
+        let c = &mut self.conns[t];
+        c.auth = None;
+        c.auth_failures = c.auth_failures.saturating_add(1);
+        if u32::from(c.auth_failures) >= crate::guard::MAX_FAILURES_PER_CONNECTION {
+            c.close_after_write = true;
+        }
+        let peer = c.peer;
+        self.log_auth_failure(peer, "control", blocked);
+        Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
     }
 
     /// `SUBSCRIBE ch [ch ...]`: this backend receives what is published on those channels, and

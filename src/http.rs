@@ -290,6 +290,7 @@ pub fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         410 => "Gone",
         413 => "Payload Too Large",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",

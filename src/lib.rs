@@ -13,6 +13,7 @@
 //! resp.rs      RESP2 commands parsed (pure), replies encoded       /  bytes in, result out
 //! browser.rs   a poll: identify the session, check the channel, hold or answer
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
+//! guard.rs     failed-token counting per address: penalties, rate-limited log lines
 //! admin.rs     the push module's publisher endpoint, /status, /metrics, the admin page
 //! metrics.rs   Prometheus text, status JSON, the admin page's live snapshot
 //! auth.rs      access checks: open patterns, signed keys, cache; SQLite and HTTP jobs
@@ -35,6 +36,7 @@ pub mod conn;
 pub mod control;
 pub mod http;
 pub mod hub;
+pub mod guard;
 pub mod log;
 pub mod metrics;
 pub mod notify;

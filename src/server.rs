@@ -161,6 +161,8 @@ pub struct Server {
     pub pool: Pool,
     /// Cached access verdicts.
     pub auth_cache: auth::Cache,
+    /// Failed token checks by address.
+    pub guard: crate::guard::Guard,
     /// The access-check settings, shared with worker jobs.
     pub auth_cfg: Arc<crate::config::Auth>,
     poll: Poll,
@@ -250,6 +252,7 @@ impl Server {
             backend_subs: Default::default(),
             pool,
             auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
+            guard: crate::guard::Guard::new(cfg.limits.auth_max_failures, cfg.limits.auth_penalty),
             auth_cfg,
             hub: Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs),
             conns: Slab::with_capacity(1024),
@@ -381,6 +384,7 @@ impl Server {
         if let Some(at) = self.watchdog_at {
             next = next.min(at);
         }
+        next = next.min(self.admin_tick);
         Some(next.saturating_duration_since(Instant::now()))
     }
 
@@ -569,6 +573,7 @@ impl Server {
             close_after_write: false,
             readable: true,
             auth: None,
+            auth_failures: 0,
             name: None,
             subs: Default::default(),
             eof: false,

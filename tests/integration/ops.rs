@@ -79,7 +79,7 @@ fn metrics_and_status_json() {
 
 #[test]
 fn admin_page_is_served_and_live_feed_pushes_snapshots() {
-    let d = Daemon::start();
+    let d = Daemon::start_with(&Config::default().set("browser", "poll_timeout_secs", "5"));
     let page = d.admin().request(&get("/", &[]));
     assert_eq!(page.status, 200);
     assert!(page.must("Content-Type").starts_with("text/html"));
@@ -151,4 +151,36 @@ fn client_js_is_served_with_caching() {
     assert!(r.must("Content-Type").starts_with("application/javascript"));
     assert!(r.must("Cache-Control").contains("max-age="));
     assert!(!r.body.is_empty());
+}
+
+#[test]
+fn brute_force_is_cut_per_connection_and_slowed_per_address() {
+    let cfg = Config::default().set("limits", "auth_max_failures", "5").set("limits", "auth_penalty_secs", "2");
+    let d = Daemon::start_with(&cfg);
+    // Three wrong tokens close the connection.
+    let mut c = d.control();
+    for i in 0..3 {
+        let r = c.cmd(&["AUTH", &format!("guess{i}")]);
+        assert!(r.to_string().starts_with("-WRONGPASS"), "{r}");
+    }
+    c.expect_closed();
+    // Two more from the same address reach the limit: now even the right token is refused.
+    let mut c = d.control();
+    c.cmd(&["AUTH", "guess3"]);
+    c.cmd(&["AUTH", "guess4"]);
+    let mut c = d.control();
+    let r = c.cmd(&["AUTH", "s3cret-token"]);
+    assert!(r.to_string().starts_with("-ERR too many failed AUTH attempts"), "{r}");
+    // The admin listener shares the penalty.
+    let r = d.admin().request(&request("GET", "/status", &[BEARER], ""));
+    assert_eq!(r.status, 429, "{r}");
+    assert!(r.header("Retry-After").is_some());
+    // Log lines are rate-limited: five failures, far fewer "wrong token" lines.
+    let wrong = d.logs().iter().filter(|l| l.contains("wrong token")).count();
+    assert!((1..5).contains(&wrong), "{wrong} wrong-token lines:\n{}", d.logs().join("\n"));
+    assert!(d.logs().iter().any(|l| l.contains("refused for 2 s after 5 failed token checks")));
+    // After the penalty, the right token works again.
+    std::thread::sleep(ms(2100));
+    let mut c = d.control();
+    assert_eq!(c.cmd(&["AUTH", "s3cret-token"]).to_string(), "+OK");
 }
