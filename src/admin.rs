@@ -127,11 +127,19 @@ impl Server {
             Method::Post | Method::Put => {
                 let ct = req.content_type.as_deref().filter(|c| !c.is_empty()).unwrap_or("text/plain");
                 let n = self.publish(&channel, ct, &body);
-                self.channel_info(t, &channel, if n > 0 { 201 } else { 202 }, json, ka);
+                let status = if n > 0 { 201 } else { 202 };
+                if self.store_acks_wait() {
+                    // fsync = "always": the answer waits until the message is on disk.
+                    let (ct, info) = self.channel_info_body(&channel, json);
+                    self.defer_reply(t, crate::server::Deferred::Http(status, ct, info.into_bytes(), ka));
+                    return;
+                }
+                self.channel_info(t, &channel, status, json, ka);
             }
             Method::Get => self.channel_info(t, &channel, 200, json, ka),
             Method::Delete => match self.hub.delete(&channel) {
                 Some(waiters) => {
+                    self.store_delete(&channel);
                     let n = waiters.len();
                     self.end_holds(waiters, 410);
                     crate::info!("channel {channel} deleted by admin ({n} held polls answered 410)");
@@ -149,24 +157,35 @@ impl Server {
         self.respond(t, status, "", why.as_bytes(), ka)
     }
 
-    fn channel_info(&mut self, t: usize, channel: &str, status: u16, json: bool, ka: bool) {
-        let Some(i) = self.hub.info(channel, self.now_secs) else {
-            return self.reject(t, 404, "no such channel", ka);
-        };
+    /// The channel info body (text, or JSON), and its content type; None when absent.
+    fn channel_info_body(&self, channel: &str, json: bool) -> (&'static str, String) {
+        let Some(i) = self.hub.info(channel, self.now_secs) else { return ("", String::new()) };
         let requested = i.last_requested.map_or(-1, |s| s as i64);
         let last = i.last_id.map(|id| id.to_string()).unwrap_or_default();
         if json {
-            let body = format!(
-                "{{\"messages\":{},\"requested\":{requested},\"subscribers\":{},\"last_message_id\":\"{last}\"}}\n",
-                i.messages, i.subscribers
-            );
-            self.respond_typed(t, status, "", "application/json", body.as_bytes(), ka)
+            (
+                "application/json",
+                format!(
+                    "{{\"messages\":{},\"requested\":{requested},\"subscribers\":{},\"last_message_id\":\"{last}\"}}\n",
+                    i.messages, i.subscribers
+                ),
+            )
         } else {
-            let body = format!(
-                "queued messages: {}\r\nlast requested: {requested} sec. ago\r\nactive subscribers: {}\r\nlast message id: {last}\r\n",
-                i.messages, i.subscribers
-            );
-            self.respond(t, status, "", body.as_bytes(), ka)
+            (
+                "text/plain; charset=utf-8",
+                format!(
+                    "queued messages: {}\r\nlast requested: {requested} sec. ago\r\nactive subscribers: {}\r\nlast message id: {last}\r\n",
+                    i.messages, i.subscribers
+                ),
+            )
         }
+    }
+
+    fn channel_info(&mut self, t: usize, channel: &str, status: u16, json: bool, ka: bool) {
+        let (ct, body) = self.channel_info_body(channel, json);
+        if ct.is_empty() {
+            return self.reject(t, 404, "no such channel", ka);
+        }
+        self.respond_typed(t, status, "", ct, body.as_bytes(), ka)
     }
 }

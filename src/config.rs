@@ -33,6 +33,8 @@ pub struct Config {
     pub auth: Auth,
     /// Presence tracking.
     pub presence: PresenceCfg,
+    /// The message store: file and durability; None = memory only.
+    pub store: Option<(PathBuf, crate::store::Fsync)>,
 }
 
 /// Presence tracking.
@@ -191,6 +193,20 @@ struct Raw {
     workers: RawWorkers,
     auth: RawAuth,
     presence: RawPresence,
+    store: RawStore,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStore {
+    path: String,
+    fsync: String,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore { path: String::new(), fsync: "everysec".into() }
+    }
 }
 
 #[derive(Deserialize)]
@@ -477,7 +493,15 @@ impl Config {
             table: p.table,
             instance: p.instance,
         };
+        let fsync = match raw.store.fsync.as_str() {
+            "always" => crate::store::Fsync::Always,
+            "everysec" => crate::store::Fsync::EverySec,
+            "no" => crate::store::Fsync::No,
+            other => return err("store.fsync", format!("{other:?} is not \"always\", \"everysec\" or \"no\"")),
+        };
+        let store = (!raw.store.path.is_empty()).then(|| (PathBuf::from(raw.store.path), fsync));
         Ok(Config {
+            store,
             presence,
             workers,
             auth,
@@ -582,6 +606,7 @@ mod tests {
             ("[workers]\nthreads = 0\n", "workers.threads"),
             ("[presence]\ntable = \"x; DROP TABLE y\"\n", "presence.table"),
             ("[presence]\ngrace_secs = 0\n", "presence.grace_secs"),
+            ("[store]\nfsync = \"sometimes\"\n", "store.fsync"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -205,6 +205,8 @@ pub struct Conn {
     pub readable: bool,
     /// Backend authenticated as this token name (RESP/admin).
     pub auth: Option<Box<str>>,
+    /// A reply waits for the store to commit (`fsync = "always"`); nothing more is read meanwhile.
+    pub store_wait: bool,
     /// Failed `AUTH` commands on this connection.
     pub auth_failures: u8,
     /// `CLIENT SETNAME` value.

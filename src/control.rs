@@ -61,7 +61,7 @@ impl Server {
         let mut pos = 0;
         loop {
             let Some(c) = self.conns.get_mut(t) else { return };
-            if c.dead || c.close_after_write || c.out.len() > out_pause {
+            if c.dead || c.close_after_write || c.store_wait || c.out.len() > out_pause {
                 break;
             }
             match resp::parse(&c.inbuf[pos..], &limits) {
@@ -131,7 +131,15 @@ impl Server {
                 "PUBLISH" if argc == 3 => match std::str::from_utf8(&args[1]) {
                     Ok(ch) if hub::valid_channel(ch, self.cfg.limits.max_channel_id_bytes) => {
                         let ch = ch.to_string();
-                        Reply::Int(self.publish(&ch, RESP_CONTENT_TYPE, &args[2]) as i64)
+                        let n = self.publish(&ch, RESP_CONTENT_TYPE, &args[2]) as i64;
+                        if self.store_acks_wait() {
+                            // fsync = "always": the reply waits until the message is on disk.
+                            let mut o = Vec::new();
+                            resp::integer(&mut o, n);
+                            self.defer_reply(t, crate::server::Deferred::Resp(o));
+                            return;
+                        }
+                        Reply::Int(n)
                     }
                     _ => Reply::Error("ERR invalid channel id".into()),
                 },
@@ -150,6 +158,7 @@ impl Server {
                         let joined: Vec<Box<str>> = self.hub.session(sid).map(|s| s.joined.iter().cloned().collect()).unwrap_or_default();
                         match self.hub.close_session(sid) {
                             Some(waiters) => {
+                                self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
                                 crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
                                 self.end_holds(waiters, 410);
                                 for ch in joined {
@@ -351,6 +360,7 @@ impl Server {
         }
         if let Some(waiters) = self.hub.kick(sid, self.now_secs) {
             self.end_holds(waiters, 410);
+            self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
         }
         crate::info!("session {sid} kicked ({n} held polls answered 410)");
         Reply::Int(n as i64)

@@ -55,8 +55,9 @@ pub enum Cursor {
 /// What a poll gets.
 #[derive(Debug)]
 pub enum Poll {
-    /// A buffered message, at once.
-    Message(Arc<Message>),
+    /// A buffered message, at once; `true` when messages after the cursor were dropped from the
+    /// buffer before this one (the client missed some).
+    Message(Arc<Message>, bool),
     /// Nothing yet: the poll is now a waiter on the channel.
     Held,
 }
@@ -95,6 +96,8 @@ struct Channel {
     waiters: Waiters,
     /// When a poll last asked.
     last_requested: Option<u64>,
+    /// Id of the newest message dropped from the buffer (length or age limit).
+    dropped: Option<MsgId>,
 }
 
 impl Channel {
@@ -136,6 +139,10 @@ pub struct Hub {
     buffered: usize,
     /// Counters.
     pub stats: Stats,
+    /// Whether drops are recorded for the store.
+    track_drops: bool,
+    /// Messages that left buffers since the store last took them: (channel, newest id dropped).
+    pub drops: Vec<(Arc<str>, MsgId)>,
 }
 
 /// How long a kicked session id stays refused when the backend does not open it again.
@@ -172,6 +179,8 @@ impl Hub {
             held: 0,
             buffered: 0,
             stats: Stats::default(),
+            track_drops: false,
+            drops: Vec::new(),
         }
     }
 
@@ -184,21 +193,67 @@ impl Hub {
             None => self.channels.entry(Arc::from(name)).or_default(),
         };
         ch.last_requested = Some(now);
-        let next = match cursor {
-            Cursor::Oldest => ch.messages.front(),
-            Cursor::Newest => None,
+        let (next, skipped) = match cursor {
+            Cursor::Oldest => (ch.messages.front(), false),
+            Cursor::Newest => (None, false),
             Cursor::After(id) => {
                 let i = ch.messages.partition_point(|m| m.id <= id);
-                ch.messages.get(i)
+                (ch.messages.get(i), i == 0 && ch.dropped.is_some_and(|d| d > id))
             }
         };
         if let Some(m) = next {
             self.stats.delivered += 1;
-            return Poll::Message(m.clone());
+            return Poll::Message(m.clone(), skipped);
         }
         ch.waiters.insert(hold, token);
         self.held += 1;
         Poll::Held
+    }
+
+    /// Records drops for the store from now on.
+    pub fn track_drops(&mut self) {
+        self.track_drops = true;
+    }
+
+    /// Puts back a stored message at start (ids as they were; oldest first per channel). Too
+    /// old messages are left out and the length cap applies as for a publish.
+    pub fn restore(&mut self, name: &str, id: MsgId, content_type: &str, body: &[u8], now: u64) {
+        if id.time.saturating_add(self.ttl) <= now {
+            return;
+        }
+        let key: Arc<str> = match self.channels.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        let ch = self.channels.entry(key.clone()).or_default();
+        if ch.last_id.is_some_and(|l| l >= id) {
+            return;
+        }
+        ch.last_id = Some(id);
+        ch.messages.push_back(Arc::new(Message {
+            id,
+            http_tail: crate::http::message_tail(id, name, content_type, body).into_boxed_slice(),
+            body_len: body.len(),
+        }));
+        self.buffered += 1;
+        if ch.messages.len() > self.buffer_length {
+            if let Some(old) = ch.messages.pop_front() {
+                ch.dropped = Some(old.id);
+            }
+            self.buffered -= 1;
+        }
+        // Expiry runs from the message's own time, not from the restart.
+        self.expiry.push_back((id.time.saturating_add(self.ttl), key));
+    }
+
+    /// Restores what a channel had dropped before a restart (for the skipped-messages header).
+    pub fn restore_dropped(&mut self, name: &str, id: MsgId) {
+        if let Some(ch) = self.channels.get_mut(name) {
+            ch.dropped = ch.dropped.max(Some(id));
+            if ch.last_id < Some(id) {
+                ch.last_id = Some(id);
+            }
+        }
     }
 
     /// Up to `max` buffered messages after `id` (for a batch answer to a client that is behind).
@@ -257,7 +312,12 @@ impl Hub {
         ch.messages.push_back(msg.clone());
         self.buffered += 1;
         if ch.messages.len() > self.buffer_length {
-            ch.messages.pop_front();
+            if let Some(old) = ch.messages.pop_front() {
+                ch.dropped = Some(old.id);
+                if self.track_drops {
+                    self.drops.push((key.clone(), old.id));
+                }
+            }
             self.buffered -= 1;
         }
         let waiters = std::mem::take(&mut ch.waiters);
@@ -291,7 +351,12 @@ impl Hub {
             // channel deleted and made anew): drop only messages that are really due.
             let limit = now.saturating_sub(self.ttl);
             while ch.messages.front().is_some_and(|m| m.id.time <= limit) {
-                ch.messages.pop_front();
+                if let Some(old) = ch.messages.pop_front() {
+                    ch.dropped = Some(old.id);
+                    if self.track_drops {
+                        self.drops.push((name.clone(), old.id));
+                    }
+                }
                 self.buffered -= 1;
             }
             if ch.is_idle() {
@@ -440,7 +505,7 @@ mod tests {
 
     fn got(p: Poll) -> Arc<Message> {
         match p {
-            Poll::Message(m) => m,
+            Poll::Message(m, _) => m,
             Poll::Held => panic!("held, expected a message"),
         }
     }
@@ -455,7 +520,7 @@ mod tests {
         let mut seen = Vec::new();
         loop {
             match hub.poll("c", cursor, 1, 0, 106) {
-                Poll::Message(m) => {
+                Poll::Message(m, _) => {
                     seen.push((m.id, String::from_utf8(body(&m).to_vec()).unwrap()));
                     cursor = Cursor::After(m.id);
                 }
@@ -568,6 +633,33 @@ mod tests {
         for bad in ["", "a b", "@me", "a/b", "é", "a\0", "12345678901234567"] {
             assert!(!valid_channel(bad, 16), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn skipped_is_reported_and_restore_keeps_ids() {
+        let mut hub = Hub::new(2, 60);
+        hub.track_drops();
+        for i in 0..4u8 {
+            hub.publish("c", "t", &[b'0' + i], 100);
+        }
+        assert_eq!(hub.drops.len(), 2);
+        let early = MsgId { time: 100, tag: 0 };
+        match hub.poll("c", Cursor::After(early), 1, 0, 100) {
+            Poll::Message(m, skipped) => assert!(skipped && m.id == MsgId { time: 100, tag: 2 }),
+            Poll::Held => panic!(),
+        }
+        match hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 2, 0, 100) {
+            Poll::Message(_, skipped) => assert!(!skipped, "nothing missed after the newest dropped"),
+            Poll::Held => panic!(),
+        }
+        let mut back = Hub::new(2, 60);
+        back.restore("c", MsgId { time: 100, tag: 2 }, "t", b"2", 130);
+        back.restore("c", MsgId { time: 100, tag: 3 }, "t", b"3", 130);
+        back.restore_dropped("c", MsgId { time: 100, tag: 1 });
+        back.restore("old", MsgId { time: 10, tag: 0 }, "t", b"x", 130);
+        assert_eq!(back.channel_count(), 1, "expired messages are not restored");
+        let next = back.publish("c", "t", b"4", 100).0.id;
+        assert_eq!(next, MsgId { time: 100, tag: 4 }, "ids continue after a restart");
     }
 
     #[test]

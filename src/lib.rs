@@ -21,6 +21,7 @@
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
 //! presence.rs  who is online and where, with grace; online/offline/join/leave events (pure)
 //! presence_rows.rs  those events as rows in the application's SQLite (worker jobs)
+//! store.rs     channel buffers persisted to SQLite, write-behind through the workers
 //! time.rs      HTTP dates and log stamps
 //! log.rs       one line per event on stderr
 //! notify.rs    systemd's READY=1 / STOPPING=1 / WATCHDOG=1
@@ -44,5 +45,6 @@ pub mod presence;
 pub mod presence_rows;
 pub mod resp;
 pub mod server;
+pub mod store;
 pub mod time;
 pub mod worker;

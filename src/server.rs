@@ -51,6 +51,8 @@ pub const PRESENCE_CHANNEL: &str = "__presence__";
 
 /// Longest a shutdown waits for answers to drain before closing what is left.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Extra time a shutdown waits for the last store batch.
+const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Pause before accepting again after the process ran out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -118,6 +120,14 @@ pub struct Counters {
     pub auth_latency_sum: f64,
 }
 
+/// A reply held back until the store has committed the message it acknowledges.
+pub enum Deferred {
+    /// RESP bytes.
+    Resp(Vec<u8>),
+    /// An HTTP answer: status, content type, body, keep-alive.
+    Http(u16, &'static str, Vec<u8>, bool),
+}
+
 /// Upper bounds (seconds) of the access-check latency histogram buckets.
 pub const AUTH_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
@@ -137,6 +147,16 @@ pub struct Server {
     /// The multipart boundary: random per daemon run, so a message body cannot contain it by
     /// accident, and the same for every batch, so message tails are shared as they are.
     boundary: String,
+    /// Store operations waiting for the next batch.
+    store_batch: Vec<crate::store::Op>,
+    /// A store batch is being written.
+    store_in_flight: bool,
+    /// Sequence number of the last operation queued for the store.
+    pub store_seq: u64,
+    /// Replies waiting for the store (`fsync = "always"`): (sequence, token, connection id, reply).
+    store_acks: VecDeque<(u64, usize, u64, Deferred)>,
+    /// When the next write-behind batch may go (`everysec` / `no`).
+    store_next_flush: Instant,
     /// Presence events waiting to be written as rows.
     rows_batch: Vec<crate::presence::Event>,
     /// A batch of rows is being written (one at a time keeps rows in event order).
@@ -221,6 +241,22 @@ impl Server {
         let a = bind(&poll, cfg.admin_listen, ADMIN, "admin")?;
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
         let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
+        let mut hub = Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs);
+        if let Some((path, fsync)) = &cfg.store {
+            // At start, before anything is accepted: the one time the loop thread reads the store.
+            let c = crate::store::open(path, *fsync).map_err(|e| StartError(format!("store.path: cannot open {}: {e}", path.display())))?;
+            let (msgs, dropped) = crate::store::load(&c).map_err(|e| StartError(format!("store.path: cannot read {}: {e}", path.display())))?;
+            let now = crate::time::unix_now();
+            let n = msgs.len();
+            for m in msgs {
+                hub.restore(&m.channel, m.id, &m.content_type, &m.body, now);
+            }
+            for (ch, id) in dropped {
+                hub.restore_dropped(&ch, id);
+            }
+            hub.track_drops();
+            info!("store {}: {n} messages on {} channels restored", path.display(), hub.channel_count());
+        }
         let auth_cfg = Arc::new(cfg.auth.clone());
         if auth_cfg.mode == crate::config::AuthMode::Sqlite {
             auth::validate_sqlite(&auth_cfg).map_err(StartError)?;
@@ -237,10 +273,17 @@ impl Server {
                     .and_then(|r| r.map_err(|e| crate::error!("worker cannot open {}: {e}", a.database.display())).ok()),
                 http: ureq::AgentBuilder::new().timeout(job_timeout).redirects(0).build(),
                 presence_db: None,
+                store_db: None,
             })
             .map_err(|e| StartError(format!("cannot start the worker threads: {e}")))?
         };
         Ok(Server {
+            hub,
+            store_batch: Vec::new(),
+            store_in_flight: false,
+            store_seq: 0,
+            store_acks: VecDeque::new(),
+            store_next_flush: Instant::now(),
             presence: crate::presence::Presence::new(cfg.presence.grace),
             events: Vec::new(),
             rows_batch: Vec::new(),
@@ -254,7 +297,6 @@ impl Server {
             auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
             guard: crate::guard::Guard::new(cfg.limits.auth_max_failures, cfg.limits.auth_penalty),
             auth_cfg,
-            hub: Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs),
             conns: Slab::with_capacity(1024),
             counters: Counters::default(),
             now_secs: crate::time::unix_now(),
@@ -299,7 +341,13 @@ impl Server {
         loop {
             self.before_sleep();
             if let Some(deadline) = self.stopping {
-                if self.conns.is_empty() || Instant::now() >= deadline {
+                let store_idle = !self.store_in_flight && self.store_batch.is_empty();
+                // The store gets longer than the connections: what was acknowledged must land.
+                let store_deadline = deadline + STORE_SHUTDOWN_GRACE;
+                if store_idle && (self.conns.is_empty() || Instant::now() >= deadline) || Instant::now() >= store_deadline {
+                    if !store_idle {
+                        crate::error!("shutdown: the store did not finish writing in time");
+                    }
                     info!("shutdown complete ({} connections closed)", self.conns.len());
                     return Ok(());
                 }
@@ -344,6 +392,7 @@ impl Server {
         self.hub.expire(self.now_secs);
         self.emit_events();
         self.submit_rows();
+        self.submit_store();
         for t in std::mem::take(&mut self.dead) {
             if self.conns.get(t).is_some_and(|c| c.dead) {
                 let mut c = self.conns.remove(t);
@@ -385,6 +434,9 @@ impl Server {
             next = next.min(at);
         }
         next = next.min(self.admin_tick);
+        if !self.store_batch.is_empty() {
+            next = next.min(self.store_next_flush);
+        }
         Some(next.saturating_duration_since(Instant::now()))
     }
 
@@ -394,6 +446,97 @@ impl Server {
         }
         if self.handle.shutdown.load(Ordering::SeqCst) && self.stopping.is_none() {
             self.begin_shutdown();
+        }
+    }
+
+    /// Records a channel deletion for the store.
+    pub fn store_delete(&mut self, channel: &str) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::Delete { channel: channel.to_string() });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Whether replies to publishers wait for the store (`fsync = "always"`).
+    pub fn store_acks_wait(&self) -> bool {
+        matches!(self.cfg.store, Some((_, crate::store::Fsync::Always)))
+    }
+
+    /// Holds connection `t`'s reply until the store has committed everything queued so far;
+    /// the connection reads nothing more meanwhile, so replies keep their order.
+    pub fn defer_reply(&mut self, t: usize, reply: Deferred) {
+        let Some(c) = self.conns.get_mut(t) else { return };
+        c.store_wait = true;
+        self.store_acks.push_back((self.store_seq, t, c.id, reply));
+    }
+
+    /// Sends the store batch to a worker when it is due: at once with `always` (a publisher is
+    /// waiting) or during shutdown, else at most once a second.
+    fn submit_store(&mut self) {
+        let Some((path, fsync)) = self.cfg.store.clone() else { return };
+        for (ch, upto) in self.hub.drops.drain(..) {
+            if !ch.starts_with('@') {
+                self.store_batch.push(crate::store::Op::Drop { channel: ch.to_string(), upto });
+                self.store_seq += 1;
+            }
+        }
+        let due = fsync == crate::store::Fsync::Always || self.stopping.is_some() || self.now >= self.store_next_flush;
+        if self.store_in_flight || self.store_batch.is_empty() || !due {
+            return;
+        }
+        if self.pool.is_full() {
+            // The loop is the only producer, so room seen here is room at submit; without room
+            // the batch stays queued for the next turn (the loop wakes at least every second).
+            warn!("worker queue full: the store batch waits for the next turn");
+            return;
+        }
+        let batch = std::mem::take(&mut self.store_batch);
+        let upto = self.store_seq;
+        let task: worker::Task = Box::new(move |res| {
+            if res.store_db.is_none() {
+                match crate::store::open(&path, fsync) {
+                    Ok(c) => res.store_db = Some(c),
+                    Err(e) => return Outcome::Stored(upto, Err(e.to_string())),
+                }
+            }
+            let Some(db) = res.store_db.as_mut() else { return Outcome::Stored(upto, Err("no store".into())) };
+            Outcome::Stored(upto, crate::store::apply(db, &batch).map_err(|e| e.to_string()))
+        });
+        match self.pool.submit(Ticket { token: usize::MAX - 1, stamp: upto }, task) {
+            Ok(()) => {
+                self.store_in_flight = true;
+                self.store_next_flush = self.now + Duration::from_secs(1);
+            }
+            Err(worker::Busy) => crate::error!("worker queue full after a check for room: store batch lost"),
+        }
+    }
+
+    /// A store batch finished: release the replies it acknowledges.
+    fn store_done(&mut self, upto: u64, result: Result<(), String>) {
+        self.store_in_flight = false;
+        if let Err(e) = &result {
+            crate::error!("store write failed: {e}; messages up to #{upto} are not persisted");
+        }
+        while self.store_acks.front().is_some_and(|(seq, ..)| *seq <= upto) {
+            let Some((_, t, id, reply)) = self.store_acks.pop_front() else { break };
+            let Some(c) = self.conns.get_mut(t) else { continue };
+            if c.id != id || c.dead {
+                continue;
+            }
+            c.store_wait = false;
+            let failed = result.as_ref().err();
+            match reply {
+                Deferred::Resp(bytes) => match failed {
+                    None => c.out.append(|o| o.extend_from_slice(&bytes)),
+                    Some(e) => c.out.append(|o| crate::resp::error(o, &format!("ERR published but not persisted: {e}"))),
+                },
+                Deferred::Http(status, ct, body, ka) => match failed {
+                    None => self.respond_typed(t, status, "", ct, &body, ka),
+                    Some(_) => self.respond(t, 503, "Retry-After: 1\r\n", b"published but not persisted (store error)", ka),
+                },
+            }
+            self.pending.push(t);
+            self.flush(t);
         }
     }
 
@@ -440,6 +583,9 @@ impl Server {
 
     /// A worker finished a job: act on it if its connection is still waiting for it.
     fn job_done(&mut self, ticket: Ticket, outcome: Outcome) {
+        if let Outcome::Stored(upto, result) = outcome {
+            return self.store_done(upto, result);
+        }
         if ticket.token == usize::MAX {
             self.rows_in_flight = false;
             let failed = match outcome {
@@ -464,7 +610,7 @@ impl Server {
         let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { return };
         let verdict = match outcome {
             Outcome::Access(v) => v,
-            Outcome::Failed | Outcome::Rows(_) => Verdict::Deny(503),
+            Outcome::Failed | Outcome::Rows(_) | Outcome::Stored(..) => Verdict::Deny(503),
         };
         let took = self.now.saturating_duration_since(p.asked).as_secs_f64();
         let k = &mut self.counters;
@@ -573,6 +719,7 @@ impl Server {
             close_after_write: false,
             readable: true,
             auth: None,
+            store_wait: false,
             auth_failures: 0,
             name: None,
             subs: Default::default(),
@@ -655,7 +802,7 @@ impl Server {
         let limits = self.cfg.limits;
         loop {
             let Some(c) = self.conns.get_mut(t) else { return };
-            if c.dead || c.close_after_write || c.out.len() > limits.max_output_bytes / 2 {
+            if c.dead || c.close_after_write || c.store_wait || c.out.len() > limits.max_output_bytes / 2 {
                 return;
             }
             match &c.phase {
@@ -775,8 +922,15 @@ impl Server {
         let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
         self.presence.poll_started(&p.sid, user.as_deref(), &p.channel, id, t, &mut self.events);
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
-            crate::hub::Poll::Message(m) => {
+            crate::hub::Poll::Message(m, skipped) => {
                 self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
+                let mut p = p;
+                if skipped {
+                    // The cursor is older than the buffer: say so (nchan skips silently).
+                    let mut lines = p.lines.to_vec();
+                    lines.extend_from_slice(b"X-Comet-Skipped: 1\r\n");
+                    p.lines = Arc::from(lines);
+                }
                 if p.multipart {
                     let rest = self.hub.after(&p.channel, m.id, MAX_BATCH - 1);
                     if !rest.is_empty() {
@@ -927,6 +1081,15 @@ impl Server {
 
     fn publish_one(&mut self, channel: &str, origin: &str, content_type: &str, body: &[u8]) -> usize {
         let (msg, waiters) = self.hub.publish_from(channel, origin, content_type, body, self.now_secs);
+        if self.cfg.store.is_some() && !channel.starts_with('@') {
+            self.store_batch.push(crate::store::Op::Put {
+                channel: channel.to_string(),
+                id: msg.id,
+                content_type: content_type.to_string(),
+                body: body.to_vec(),
+            });
+            self.store_seq += 1;
+        }
         let mut n = 0;
         for (id, t) in waiters {
             if let Some(h) = self.take_hold(t, id) {

@@ -29,6 +29,8 @@ pub enum Outcome {
     Access(crate::auth::Verdict),
     /// A batch of presence rows written (or the error).
     Rows(Result<(), String>),
+    /// A store batch committed, up to this sequence number (or the error).
+    Stored(u64, Result<(), String>),
     /// The job panicked; the request gets `503`.
     Failed,
 }
@@ -50,6 +52,8 @@ pub struct Resources {
     pub http: ureq::Agent,
     /// This worker's read-write connection to the presence database, opened on first use.
     pub presence_db: Option<rusqlite::Connection>,
+    /// This worker's connection to the message store, opened on first use.
+    pub store_db: Option<rusqlite::Connection>,
 }
 
 /// A job: runs on a worker with that worker's resources.
@@ -103,6 +107,11 @@ impl Pool {
         }
     }
 
+    /// Whether the queue is full right now.
+    pub fn is_full(&self) -> bool {
+        self.jobs.is_full()
+    }
+
     /// Jobs waiting for a worker.
     pub fn queued(&self) -> usize {
         self.jobs.len()
@@ -117,7 +126,7 @@ mod tests {
     fn pool(threads: usize, queue: usize) -> (Pool, mio::Poll) {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let p = Pool::start(threads, queue, waker, || Resources { auth_db: None, http: ureq::Agent::new(), presence_db: None }).unwrap();
+        let p = Pool::start(threads, queue, waker, || Resources { auth_db: None, http: ureq::Agent::new(), presence_db: None, store_db: None }).unwrap();
         (p, poll)
     }
 

@@ -8,6 +8,7 @@
 
 mod common;
 #[path = "integration/ops.rs"] mod ops;
+#[path = "integration/store.rs"] mod store;
 
 use common::*;
 use std::collections::HashMap;

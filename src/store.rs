@@ -1,0 +1,154 @@
+//! The message store (`[store] path`, optional): channel buffers and message ids kept in SQLite so
+//! a restarted daemon has every acknowledged message and browsers that re-poll with their old
+//! cursor get exactly what they missed. Write-behind: the loop gathers operations (a message
+//! published, messages dropped from a buffer, a channel deleted) and hands them to the worker pool
+//! in batches, one batch in flight at a time so they apply in order. Only `open` and `load` run on
+//! the loop thread, at start, before anything is accepted.
+//!
+//! Durability follows `[store] fsync`, as Redis's `appendfsync`:
+//! - `always`: each batch is committed with `synchronous = FULL` and a publisher's reply waits for
+//!   the commit of the batch holding its message: an acknowledged message survives `kill -9` and a
+//!   power cut.
+//! - `everysec` (default): batches are written at most a second apart with `synchronous = NORMAL`
+//!   (WAL): what was written survives a crash of the daemon; a power cut may lose the last second.
+//! - `no`: `synchronous = OFF`; the operating system decides when data reaches the disk.
+
+use crate::hub::MsgId;
+use rusqlite::{params, Connection};
+use std::path::Path;
+
+/// The durability policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Reply after the commit is on disk.
+    Always,
+    /// Write at most a second late.
+    EverySec,
+    /// Leave it to the operating system.
+    No,
+}
+
+/// One change to apply.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A message was published.
+    Put { channel: String, id: MsgId, content_type: String, body: Vec<u8> },
+    /// Messages up to `upto` left the channel's buffer (length or age limit).
+    Drop { channel: String, upto: MsgId },
+    /// The channel was deleted.
+    Delete { channel: String },
+}
+
+/// A stored message, as `load` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its channel.
+    pub channel: String,
+    /// Its id.
+    pub id: MsgId,
+    /// Its content type.
+    pub content_type: String,
+    /// Its body.
+    pub body: Vec<u8>,
+}
+
+/// Opens the store (creating it) with the policy's settings.
+pub fn open(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    let sync = match fsync {
+        Fsync::Always => "FULL",
+        Fsync::EverySec => "NORMAL",
+        Fsync::No => "OFF",
+    };
+    c.pragma_update(None, "synchronous", sync)?;
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS comet_messages (channel TEXT NOT NULL, time INTEGER NOT NULL, tag INTEGER NOT NULL,
+             content_type TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (channel, time, tag)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS comet_channels (channel TEXT PRIMARY KEY, dropped_time INTEGER NOT NULL,
+             dropped_tag INTEGER NOT NULL) WITHOUT ROWID;",
+    )?;
+    Ok(c)
+}
+
+/// Everything stored, by channel then id, and each channel's newest dropped id.
+pub fn load(c: &Connection) -> rusqlite::Result<(Vec<Stored>, Vec<(String, MsgId)>)> {
+    let mut s = c.prepare("SELECT channel, time, tag, content_type, body FROM comet_messages ORDER BY channel, time, tag")?;
+    let msgs = s
+        .query_map([], |r| {
+            Ok(Stored {
+                channel: r.get(0)?,
+                id: MsgId { time: r.get::<_, i64>(1)? as u64, tag: r.get::<_, i64>(2)? as u32 },
+                content_type: r.get(3)?,
+                body: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut s = c.prepare("SELECT channel, dropped_time, dropped_tag FROM comet_channels")?;
+    let dropped = s
+        .query_map([], |r| Ok((r.get(0)?, MsgId { time: r.get::<_, i64>(1)? as u64, tag: r.get::<_, i64>(2)? as u32 })))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((msgs, dropped))
+}
+
+/// Applies a batch in one transaction.
+pub fn apply(c: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for op in ops {
+        match op {
+            Op::Put { channel, id, content_type, body } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO comet_messages (channel, time, tag, content_type, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![channel, id.time as i64, id.tag as i64, content_type, body])?;
+            }
+            Op::Drop { channel, upto } => {
+                tx.prepare_cached("DELETE FROM comet_messages WHERE channel = ?1 AND (time < ?2 OR (time = ?2 AND tag <= ?3))")?
+                    .execute(params![channel, upto.time as i64, upto.tag as i64])?;
+                tx.prepare_cached("INSERT OR REPLACE INTO comet_channels (channel, dropped_time, dropped_tag) VALUES (?1, ?2, ?3)")?
+                    .execute(params![channel, upto.time as i64, upto.tag as i64])?;
+            }
+            Op::Delete { channel } => {
+                tx.prepare_cached("DELETE FROM comet_messages WHERE channel = ?1")?.execute(params![channel])?;
+                tx.prepare_cached("DELETE FROM comet_channels WHERE channel = ?1")?.execute(params![channel])?;
+            }
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ops_round_trip() {
+        let dir = std::env::temp_dir().join(format!("comet-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sqlite");
+        let _ = std::fs::remove_file(&path);
+        let mut c = open(&path, Fsync::Always).unwrap();
+        let id = |time, tag| MsgId { time, tag };
+        let put = |ch: &str, i: MsgId, b: &str| Op::Put { channel: ch.into(), id: i, content_type: "t".into(), body: b.as_bytes().to_vec() };
+        apply(
+            &mut c,
+            &[
+                put("a", id(10, 0), "a0"),
+                put("a", id(10, 1), "a1"),
+                put("a", id(11, 0), "a2"),
+                put("b", id(10, 0), "b0"),
+                Op::Drop { channel: "a".into(), upto: id(10, 1) },
+                Op::Delete { channel: "b".into() },
+            ],
+        )
+        .unwrap();
+        drop(c);
+        let c = open(&path, Fsync::Always).unwrap();
+        let (msgs, dropped) = load(&c).unwrap();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!((msgs[0].channel.as_str(), msgs[0].id, msgs[0].body.as_slice()), ("a", id(11, 0), &b"a2"[..]));
+        assert_eq!(dropped, [("a".to_string(), id(10, 1))]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
