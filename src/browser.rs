@@ -17,6 +17,14 @@ pub const MY_CHANNEL: &str = "@me";
 /// The browser client, served at `/comet.js` so a page needs nothing else.
 const CLIENT_JS: &[u8] = include_bytes!("comet.js");
 
+/// The client's ETag: a hash of its bytes, the same for every run of one build.
+fn client_etag() -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    CLIENT_JS.hash(&mut h);
+    format!("\"{:016x}\"", h.finish())
+}
+
 /// Why a subscribe request is refused.
 struct Refusal(u16, &'static str);
 
@@ -72,10 +80,15 @@ impl Server {
                 );
                 self.respond(t, 204, &lines, b"", keep_alive)
             }
-            Method::Get if req.path == "/comet.js" => {
-                // Cached for a day; pages that must pick up a new version at once add `?v=`.
-                let lines = format!("{cors}Cache-Control: public, max-age=86400\r\n");
-                self.respond_typed(t, 200, &lines, "application/javascript; charset=utf-8", CLIENT_JS, keep_alive)
+            Method::Get | Method::Head if req.path == "/comet.js" => {
+                // Cached for a day, then revalidated by its ETag (a hash of the file).
+                let etag = client_etag();
+                let lines = format!("{cors}Cache-Control: public, max-age=86400\r\nETag: {etag}\r\n");
+                if req.if_none_match.as_deref() == Some(etag.as_str()) {
+                    return self.respond(t, 304, &lines, b"", keep_alive);
+                }
+                let head = req.method() == Method::Head;
+                self.respond_head_or_get(t, 200, &lines, "application/javascript; charset=utf-8", CLIENT_JS, head, keep_alive)
             }
             Method::Get => {
                 let refused = match self.subscribe_target(&req) {

@@ -147,7 +147,8 @@ impl Server {
                     Ok(sid) if hub::valid_session(sid) => {
                         let user = args.get(2).map(|u| String::from_utf8_lossy(u).into_owned());
                         crate::debug!("session {sid} opened (user {user:?})");
-                        self.presence.set_user(sid, user.clone());
+                        self.presence.set_user(sid, user.clone(), &mut self.events);
+                        self.store_session(sid, user.as_deref());
                         self.hub.open_session(sid, user);
                         Reply::Simple("OK")
                     }
@@ -159,6 +160,7 @@ impl Server {
                         match self.hub.close_session(sid) {
                             Some(waiters) => {
                                 self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
+                                self.store_session_closed(sid);
                                 crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
                                 self.end_holds(waiters, 410);
                                 for ch in joined {
@@ -361,6 +363,7 @@ impl Server {
         if let Some(waiters) = self.hub.kick(sid, self.now_secs) {
             self.end_holds(waiters, 410);
             self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
+            self.store_session_closed(sid);
         }
         crate::info!("session {sid} kicked ({n} held polls answered 410)");
         Reply::Int(n as i64)

@@ -282,6 +282,7 @@ pub fn reason(status: u16) -> &'static str {
         201 => "Created",
         202 => "Accepted",
         204 => "No Content",
+        304 => "Not Modified",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
@@ -311,6 +312,14 @@ pub fn response(out: &mut Vec<u8>, status: u16, lines: &[u8], content_type: &str
     }
     let _ = write!(out, "Content-Length: {}\r\n\r\n", body.len());
     out.extend_from_slice(body);
+}
+
+/// Appends a response head only (for `HEAD`): `Content-Length` says what a `GET` would carry.
+pub fn response_head(out: &mut Vec<u8>, status: u16, lines: &[u8], content_length: usize) {
+    use std::io::Write;
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason(status));
+    out.extend_from_slice(lines);
+    let _ = write!(out, "Content-Length: {content_length}\r\n\r\n");
 }
 
 /// The `Connection` line every response carries.

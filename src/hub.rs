@@ -139,6 +139,8 @@ pub struct Hub {
     buffered: usize,
     /// Counters.
     pub stats: Stats,
+    /// No message id is given a time before this (the second after start).
+    min_time: u64,
     /// Whether drops are recorded for the store.
     track_drops: bool,
     /// Messages that left buffers since the store last took them: (channel, newest id dropped).
@@ -179,6 +181,7 @@ impl Hub {
             held: 0,
             buffered: 0,
             stats: Stats::default(),
+            min_time: 0,
             track_drops: false,
             drops: Vec::new(),
         }
@@ -208,6 +211,11 @@ impl Hub {
         ch.waiters.insert(hold, token);
         self.held += 1;
         Poll::Held
+    }
+
+    /// Message ids get times from `t` on (the daemon passes the second after its start).
+    pub fn set_min_time(&mut self, t: u64) {
+        self.min_time = t;
     }
 
     /// Records drops for the store from now on.
@@ -301,7 +309,9 @@ impl Hub {
                 Some(tag) => MsgId { time: last.time, tag },
                 None => MsgId { time: last.time + 1, tag: 0 },
             },
-            _ => MsgId { time: now, tag: 0 },
+            // `min_time`: the second after the daemon started, so a message published in the
+            // start second cannot repeat an id a browser saw from the previous run.
+            _ => MsgId { time: now.max(self.min_time), tag: 0 },
         };
         ch.last_id = Some(id);
         let msg = Arc::new(Message {
@@ -660,6 +670,14 @@ mod tests {
         assert_eq!(back.channel_count(), 1, "expired messages are not restored");
         let next = back.publish("c", "t", b"4", 100).0.id;
         assert_eq!(next, MsgId { time: 100, tag: 4 }, "ids continue after a restart");
+    }
+
+    #[test]
+    fn no_id_in_the_start_second() {
+        let mut hub = Hub::new(10, 60);
+        hub.set_min_time(101);
+        assert_eq!(hub.publish("c", "t", b"", 100).0.id, MsgId { time: 101, tag: 0 });
+        assert_eq!(hub.publish("c", "t", b"", 102).0.id, MsgId { time: 102, tag: 0 });
     }
 
     #[test]

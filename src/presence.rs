@@ -244,11 +244,16 @@ impl Presence {
     }
 
     /// Records the session's user id (from `SESSION.OPEN` or an access check).
-    pub fn set_user(&mut self, sid: &str, user: Option<String>) {
-        if let Some(v) = self.visitors.get_mut(sid) {
-            if user.is_some() {
-                v.user = user;
-            }
+    /// An online session whose user id becomes known or changes is announced again with
+    /// `online <sid> <user>`, so a backend's list gets the name.
+    pub fn set_user(&mut self, sid: &str, user: Option<String>, out: &mut Vec<Event>) {
+        let Some(v) = self.visitors.get_mut(sid) else { return };
+        if user.is_none() || v.user == user {
+            return;
+        }
+        v.user = user.clone();
+        if v.online() {
+            out.push(Event::Online { sid: sid.into(), user });
         }
     }
 
@@ -380,6 +385,18 @@ mod tests {
         assert!(ev.is_empty(), "no events while re-polling: {ev:?}");
         assert_eq!(p.online(), [("s1".to_string(), Some("42".to_string()))]);
         assert_eq!(p.numsub("goods"), 1);
+    }
+
+    #[test]
+    fn a_user_id_learned_while_online_is_announced() {
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("s1", None, "goods", 1, 10, &mut ev);
+        ev.clear();
+        p.set_user("s1", Some("alice".into()), &mut ev);
+        p.set_user("s1", Some("alice".into()), &mut ev);
+        assert_eq!(texts(&ev), ["online s1 alice"], "once, and only when it changes");
+        assert_eq!(p.online_count(), 1);
     }
 
     #[test]

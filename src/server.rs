@@ -242,10 +242,16 @@ impl Server {
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
         let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
         let mut hub = Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs);
+        // A browser may hold a cursor from the previous run in this very second: start after it.
+        hub.set_min_time(crate::time::unix_now() + 1);
         if let Some((path, fsync)) = &cfg.store {
             // At start, before anything is accepted: the one time the loop thread reads the store.
             let c = crate::store::open(path, *fsync).map_err(|e| StartError(format!("store.path: cannot open {}: {e}", path.display())))?;
-            let (msgs, dropped) = crate::store::load(&c).map_err(|e| StartError(format!("store.path: cannot read {}: {e}", path.display())))?;
+            let (msgs, dropped, sessions) =
+                crate::store::load(&c).map_err(|e| StartError(format!("store.path: cannot read {}: {e}", path.display())))?;
+            for (sid, user) in sessions {
+                hub.open_session(&sid, user);
+            }
             let now = crate::time::unix_now();
             let n = msgs.len();
             for m in msgs {
@@ -446,6 +452,22 @@ impl Server {
         }
         if self.handle.shutdown.load(Ordering::SeqCst) && self.stopping.is_none() {
             self.begin_shutdown();
+        }
+    }
+
+    /// Records an opened session (or its new user id) for the store, so a restart keeps it.
+    pub fn store_session(&mut self, sid: &str, user: Option<&str>) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::Session { sid: sid.to_string(), user: user.map(str::to_string) });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Records a closed session for the store.
+    pub fn store_session_closed(&mut self, sid: &str) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::SessionClosed { sid: sid.to_string() });
+            self.store_seq += 1;
         }
     }
 
@@ -893,6 +915,22 @@ impl Server {
             all.push_str(lines);
             all.push_str(http::connection_header(keep_alive));
             http::response(out, status, all.as_bytes(), ct, body);
+        });
+        self.finish_request(t, keep_alive);
+    }
+
+    /// `respond_typed`, or for `HEAD` the same head with no body (`Content-Length` of the body).
+    pub fn respond_head_or_get(&mut self, t: usize, status: u16, lines: &str, content_type: &str, body: &[u8], head: bool, keep_alive: bool) {
+        if !head {
+            return self.respond_typed(t, status, lines, content_type, body, keep_alive);
+        }
+        self.refresh_date();
+        let Some(c) = self.conns.get_mut(t) else { return };
+        let date = &self.date;
+        c.out.append(|out| {
+            let mut all = format!("{date}{lines}{}", http::connection_header(keep_alive));
+            all.push_str(&format!("Content-Type: {content_type}\r\n"));
+            http::response_head(out, status, all.as_bytes(), body.len());
         });
         self.finish_request(t, keep_alive);
     }

@@ -1,7 +1,7 @@
 //! The message store (`[store] path`, optional): channel buffers and message ids kept in SQLite so
 //! a restarted daemon has every acknowledged message and browsers that re-poll with their old
 //! cursor get exactly what they missed. Write-behind: the loop gathers operations (a message
-//! published, messages dropped from a buffer, a channel deleted) and hands them to the worker pool
+//! published, messages dropped from a buffer, a channel deleted, a session opened or closed) and hands them to the worker pool
 //! in batches, one batch in flight at a time so they apply in order. Only `open` and `load` run on
 //! the loop thread, at start, before anything is accepted.
 //!
@@ -37,6 +37,10 @@ pub enum Op {
     Drop { channel: String, upto: MsgId },
     /// The channel was deleted.
     Delete { channel: String },
+    /// A session was opened (or its user id changed).
+    Session { sid: String, user: Option<String> },
+    /// A session was closed or kicked.
+    SessionClosed { sid: String },
 }
 
 /// A stored message, as `load` returns it.
@@ -67,13 +71,18 @@ pub fn open(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
         "CREATE TABLE IF NOT EXISTS comet_messages (channel TEXT NOT NULL, time INTEGER NOT NULL, tag INTEGER NOT NULL,
              content_type TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (channel, time, tag)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS comet_channels (channel TEXT PRIMARY KEY, dropped_time INTEGER NOT NULL,
-             dropped_tag INTEGER NOT NULL) WITHOUT ROWID;",
+             dropped_tag INTEGER NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS comet_sessions (sid TEXT PRIMARY KEY, user TEXT) WITHOUT ROWID;",
     )?;
     Ok(c)
 }
 
-/// Everything stored, by channel then id, and each channel's newest dropped id.
-pub fn load(c: &Connection) -> rusqlite::Result<(Vec<Stored>, Vec<(String, MsgId)>)> {
+/// What `load` returns: messages by channel then id, each channel's newest dropped id, and the
+/// open sessions with their user ids.
+pub type Loaded = (Vec<Stored>, Vec<(String, MsgId)>, Vec<(String, Option<String>)>);
+
+/// Everything stored.
+pub fn load(c: &Connection) -> rusqlite::Result<Loaded> {
     let mut s = c.prepare("SELECT channel, time, tag, content_type, body FROM comet_messages ORDER BY channel, time, tag")?;
     let msgs = s
         .query_map([], |r| {
@@ -89,7 +98,9 @@ pub fn load(c: &Connection) -> rusqlite::Result<(Vec<Stored>, Vec<(String, MsgId
     let dropped = s
         .query_map([], |r| Ok((r.get(0)?, MsgId { time: r.get::<_, i64>(1)? as u64, tag: r.get::<_, i64>(2)? as u32 })))?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((msgs, dropped))
+    let mut s = c.prepare("SELECT sid, user FROM comet_sessions")?;
+    let sessions = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+    Ok((msgs, dropped, sessions))
 }
 
 /// Applies a batch in one transaction.
@@ -112,6 +123,12 @@ pub fn apply(c: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
             Op::Delete { channel } => {
                 tx.prepare_cached("DELETE FROM comet_messages WHERE channel = ?1")?.execute(params![channel])?;
                 tx.prepare_cached("DELETE FROM comet_channels WHERE channel = ?1")?.execute(params![channel])?;
+            }
+            Op::Session { sid, user } => {
+                tx.prepare_cached("INSERT OR REPLACE INTO comet_sessions (sid, user) VALUES (?1, ?2)")?.execute(params![sid, user])?;
+            }
+            Op::SessionClosed { sid } => {
+                tx.prepare_cached("DELETE FROM comet_sessions WHERE sid = ?1")?.execute(params![sid])?;
             }
         }
     }
@@ -140,12 +157,16 @@ mod tests {
                 put("b", id(10, 0), "b0"),
                 Op::Drop { channel: "a".into(), upto: id(10, 1) },
                 Op::Delete { channel: "b".into() },
+                Op::Session { sid: "s1".into(), user: Some("7".into()) },
+                Op::Session { sid: "s2".into(), user: None },
+                Op::SessionClosed { sid: "s2".into() },
             ],
         )
         .unwrap();
         drop(c);
         let c = open(&path, Fsync::Always).unwrap();
-        let (msgs, dropped) = load(&c).unwrap();
+        let (msgs, dropped, sessions) = load(&c).unwrap();
+        assert_eq!(sessions, [("s1".to_string(), Some("7".to_string()))]);
         assert_eq!(msgs.len(), 1);
         assert_eq!((msgs[0].channel.as_str(), msgs[0].id, msgs[0].body.as_slice()), ("a", id(11, 0), &b"a2"[..]));
         assert_eq!(dropped, [("a".to_string(), id(10, 1))]);

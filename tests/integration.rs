@@ -850,6 +850,9 @@ fn resp_wrong_token_is_wrongpass() {
     assert_eq!(c.cmd(&["AUTH", "nope"]).to_string(), wrongpass);
     assert_eq!(c.cmd(&["AUTH", "php", "nope"]).to_string(), wrongpass);
     assert_eq!(c.cmd(&["AUTH", "other", "s3cret-token"]).to_string(), wrongpass);
+    // Three wrong tokens close the connection (brute-force guard).
+    c.expect_closed();
+    let mut c = d.control();
     assert_eq!(c.cmd(&["PUBLISH", "goods", "x"]).to_string(), "-NOAUTH Authentication required.");
 }
 

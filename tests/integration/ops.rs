@@ -184,3 +184,25 @@ fn brute_force_is_cut_per_connection_and_slowed_per_address() {
     let mut c = d.control();
     assert_eq!(c.cmd(&["AUTH", "s3cret-token"]).to_string(), "+OK");
 }
+
+#[test]
+fn client_js_revalidates_by_etag_and_answers_head() {
+    let d = Daemon::start();
+    let r = d.browser().request(&get("/comet.js", &[]));
+    let etag = r.must("ETag").to_string();
+    let again = d.browser().request(&get("/comet.js", &[("If-None-Match", &etag)]));
+    assert_eq!(again.status, 304, "{again}");
+    assert!(again.body.is_empty());
+    let mut c = d.browser();
+    c.send("HEAD /comet.js HTTP/1.1\r\nHost: x\r\n\r\n");
+    // A HEAD answer has the GET's Content-Length and no body: the next response follows at once.
+    c.send(&get("/comet.js", &[("If-None-Match", &etag)]));
+    let mut buf = Vec::new();
+    c.set_timeout(ms(500));
+    let _ = std::io::Read::read_to_end(&mut c.stream, &mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains(&format!("Content-Length: {}\r\n", r.body.len())), "{text}");
+    let second = text.find("HTTP/1.1 304").expect("the pipelined request is answered right after the head");
+    assert!(text[..second].ends_with("\r\n\r\n"), "no body after the HEAD answer");
+}

@@ -133,3 +133,24 @@ fn deleted_channels_stay_deleted_after_restart() {
     let (kept, _) = walk(&d, "kept", None);
     assert_eq!(kept, ["y", "z"]);
 }
+
+#[test]
+fn sessions_survive_a_restart() {
+    let dir = temp_dir();
+    let store = dir.join("store.sqlite");
+    let cfg = config(&store, "always");
+    let mut d = Daemon::start_with(&cfg);
+    let mut b = d.backend();
+    assert_eq!(b.cmd(&["SESSION.OPEN", "alice1", "alice"]).to_string(), "+OK");
+    assert_eq!(b.cmd(&["SESSION.OPEN", "bob1", "bob"]).to_string(), "+OK");
+    assert_eq!(b.cmd(&["SESSION.CLOSE", "bob1"]).to_string(), ":1");
+    assert_eq!(b.cmd(&["PUBLISH", "session:alice1", "hi"]).to_string(), ":0");
+    d.sigterm();
+    assert!(d.wait_exit(Duration::from_secs(8)).is_some_and(|s| s.success()));
+    let d = Daemon::start_with(&cfg);
+    let cookie = ("Cookie", "PHPSESSID=alice1");
+    let r = d.browser().request(&get("/sub/@me", &[cookie]));
+    assert_eq!((r.status, r.text()), (200, "hi".to_string()), "the private stream is still open: {r}");
+    let r = d.browser().request(&get("/sub/@me", &[("Cookie", "PHPSESSID=bob1")]));
+    assert_eq!(r.status, 403, "a closed session stays closed");
+}
