@@ -139,13 +139,17 @@ pub struct Hub {
     buffered: usize,
     /// Counters.
     pub stats: Stats,
-    /// No message id is given a time before this (the second after start).
-    min_time: u64,
+    /// The second the daemon started.
+    start_second: u64,
     /// Whether drops are recorded for the store.
     track_drops: bool,
     /// Messages that left buffers since the store last took them: (channel, newest id dropped).
     pub drops: Vec<(Arc<str>, MsgId)>,
 }
+
+/// First tag of a channel's ids in the daemon's start second: above any tag a previous run
+/// could have given in that second, so a browser's old cursor does not hide new messages.
+pub const START_SECOND_TAG: u32 = 1 << 31;
 
 /// How long a kicked session id stays refused when the backend does not open it again.
 pub const KICK_MEMORY_SECS: u64 = 86_400;
@@ -181,7 +185,7 @@ impl Hub {
             held: 0,
             buffered: 0,
             stats: Stats::default(),
-            min_time: 0,
+            start_second: u64::MAX,
             track_drops: false,
             drops: Vec::new(),
         }
@@ -213,9 +217,9 @@ impl Hub {
         Poll::Held
     }
 
-    /// Message ids get times from `t` on (the daemon passes the second after its start).
-    pub fn set_min_time(&mut self, t: u64) {
-        self.min_time = t;
+    /// Tells the hub the second the daemon started (see `START_SECOND_TAG`).
+    pub fn set_start_second(&mut self, t: u64) {
+        self.start_second = t;
     }
 
     /// Records drops for the store from now on.
@@ -309,9 +313,9 @@ impl Hub {
                 Some(tag) => MsgId { time: last.time, tag },
                 None => MsgId { time: last.time + 1, tag: 0 },
             },
-            // `min_time`: the second after the daemon started, so a message published in the
-            // start second cannot repeat an id a browser saw from the previous run.
-            _ => MsgId { time: now.max(self.min_time), tag: 0 },
+            // In the second the daemon started, a browser may hold a cursor from the previous
+            // run with the same time: tags start high there, so the new ids come after it.
+            _ => MsgId { time: now, tag: if now == self.start_second { START_SECOND_TAG } else { 0 } },
         };
         ch.last_id = Some(id);
         let msg = Arc::new(Message {
@@ -673,11 +677,14 @@ mod tests {
     }
 
     #[test]
-    fn no_id_in_the_start_second() {
+    fn start_second_ids_come_after_a_previous_run() {
         let mut hub = Hub::new(10, 60);
-        hub.set_min_time(101);
-        assert_eq!(hub.publish("c", "t", b"", 100).0.id, MsgId { time: 101, tag: 0 });
-        assert_eq!(hub.publish("c", "t", b"", 102).0.id, MsgId { time: 102, tag: 0 });
+        hub.set_start_second(100);
+        let old_cursor = MsgId { time: 100, tag: 5 };
+        let first = hub.publish("c", "t", b"", 100).0.id;
+        assert!(first > old_cursor && first.time == 100, "{first}");
+        assert_eq!(hub.publish("c", "t", b"", 100).0.id.tag, START_SECOND_TAG + 1);
+        assert_eq!(hub.publish("d", "t", b"", 101).0.id, MsgId { time: 101, tag: 0 });
     }
 
     #[test]

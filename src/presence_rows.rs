@@ -43,8 +43,14 @@ pub fn apply(c: &mut Connection, table: &str, instance: &str, clear_first: bool,
     for e in events {
         match e {
             Event::Online { sid, user } => {
-                tx.prepare_cached(&format!("INSERT INTO {table} (session, user, channel, since, daemon) VALUES (?1, ?2, '', ?3, ?4)"))?
-                    .execute(params![sid, user, now as i64, instance])?;
+                // Sent again when an online session's user id becomes known: update its rows.
+                tx.prepare_cached(&format!("UPDATE {table} SET user = ?2 WHERE session = ?1 AND daemon = ?3"))?
+                    .execute(params![sid, user, instance])?;
+                tx.prepare_cached(&format!(
+                    "INSERT INTO {table} (session, user, channel, since, daemon) SELECT ?1, ?2, '', ?3, ?4 \
+                     WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE session = ?1 AND channel = '' AND daemon = ?4)"
+                ))?
+                .execute(params![sid, user, now as i64, instance])?;
             }
             Event::Offline { sid } => {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE session = ?1 AND daemon = ?2"))?.execute(params![sid, instance])?;
@@ -91,6 +97,7 @@ mod tests {
                 Event::Join { sid: s("s2"), channel: s("goods") },
                 Event::Leave { sid: s("s2"), channel: s("goods") },
                 Event::Offline { sid: s("s2") },
+                Event::Online { sid: s("s1"), user: Some(s("42")) },
             ],
             100,
         )

@@ -242,8 +242,7 @@ impl Server {
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
         let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
         let mut hub = Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs);
-        // A browser may hold a cursor from the previous run in this very second: start after it.
-        hub.set_min_time(crate::time::unix_now() + 1);
+        hub.set_start_second(crate::time::unix_now());
         if let Some((path, fsync)) = &cfg.store {
             // At start, before anything is accepted: the one time the loop thread reads the store.
             let c = crate::store::open(path, *fsync).map_err(|e| StartError(format!("store.path: cannot open {}: {e}", path.display())))?;
