@@ -147,10 +147,6 @@ pub struct Hub {
     pub drops: Vec<(Arc<str>, MsgId)>,
 }
 
-/// First tag of a channel's ids in the daemon's start second: above any tag a previous run
-/// could have given in that second, so a browser's old cursor does not hide new messages.
-pub const START_SECOND_TAG: u32 = 1 << 31;
-
 /// How long a kicked session id stays refused when the backend does not open it again.
 pub const KICK_MEMORY_SECS: u64 = 86_400;
 
@@ -204,7 +200,13 @@ impl Hub {
             Cursor::Oldest => (ch.messages.front(), false),
             Cursor::Newest => (None, false),
             Cursor::After(id) => {
-                let i = ch.messages.partition_point(|m| m.id <= id);
+                let mut i = ch.messages.partition_point(|m| m.id <= id);
+                // A cursor in the second the daemon started that names no message of this run
+                // comes from the previous run, whose ids this run reuses in that second: the
+                // client has seen none of this run's messages of that second.
+                if id.time == self.start_second && ch.messages.get(i.wrapping_sub(1)).is_none_or(|m| m.id != id) {
+                    i = ch.messages.partition_point(|m| m.id.time < id.time);
+                }
                 (ch.messages.get(i), i == 0 && ch.dropped.is_some_and(|d| d > id))
             }
         };
@@ -217,7 +219,7 @@ impl Hub {
         Poll::Held
     }
 
-    /// Tells the hub the second the daemon started (see `START_SECOND_TAG`).
+    /// Tells the hub the second the daemon started (see `poll`).
     pub fn set_start_second(&mut self, t: u64) {
         self.start_second = t;
     }
@@ -313,9 +315,7 @@ impl Hub {
                 Some(tag) => MsgId { time: last.time, tag },
                 None => MsgId { time: last.time + 1, tag: 0 },
             },
-            // In the second the daemon started, a browser may hold a cursor from the previous
-            // run with the same time: tags start high there, so the new ids come after it.
-            _ => MsgId { time: now, tag: if now == self.start_second { START_SECOND_TAG } else { 0 } },
+            _ => MsgId { time: now, tag: 0 },
         };
         ch.last_id = Some(id);
         let msg = Arc::new(Message {
@@ -677,14 +677,23 @@ mod tests {
     }
 
     #[test]
-    fn start_second_ids_come_after_a_previous_run() {
+    fn a_cursor_from_the_previous_run_in_the_start_second_misses_nothing() {
         let mut hub = Hub::new(10, 60);
         hub.set_start_second(100);
+        // The previous run gave (100, 0..=5); this run starts in second 100 too.
         let old_cursor = MsgId { time: 100, tag: 5 };
-        let first = hub.publish("c", "t", b"", 100).0.id;
-        assert!(first > old_cursor && first.time == 100, "{first}");
-        assert_eq!(hub.publish("c", "t", b"", 100).0.id.tag, START_SECOND_TAG + 1);
-        assert_eq!(hub.publish("d", "t", b"", 101).0.id, MsgId { time: 101, tag: 0 });
+        hub.publish("c", "t", b"new0", 100);
+        hub.publish("c", "t", b"new1", 100);
+        match hub.poll("c", Cursor::After(old_cursor), 1, 0, 100) {
+            Poll::Message(m, _) => assert_eq!(body(&m), b"new0"),
+            Poll::Held => panic!("the old cursor must not hide this run's messages"),
+        }
+        // A cursor of this run walks on normally.
+        match hub.poll("c", Cursor::After(MsgId { time: 100, tag: 0 }), 2, 0, 100) {
+            Poll::Message(m, _) => assert_eq!(body(&m), b"new1"),
+            Poll::Held => panic!(),
+        }
+        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 3, 0, 100), Poll::Held));
     }
 
     #[test]
