@@ -109,7 +109,9 @@
     this.onClose = opts.onClose || noop;
     this.running = false;
     this.attempt = 0; // errors in a row, for the backoff
-    this.storeKey = opts.persist ? 'comet:' + this.url : null;
+    // persist: true, or a string naming what the id belongs to (e.g. one login), so that a
+    // new login in the same tab does not resume after the previous session's last id.
+    this.storeKey = opts.persist ? 'comet:' + (typeof opts.persist === 'string' ? opts.persist + ':' : '') + this.url : null;
     this.cursor = parseCursor(opts.since) || this.load();
     this.xhr = null;
     this.timer = null;
@@ -143,6 +145,7 @@
   Subscription.prototype.stop = function () {
     this.running = false;
     this.clearTimer();
+    clearTimeout(this.guard);
     if (root && root.removeEventListener) root.removeEventListener('online', this.wake);
     if (this.xhr) {
       var x = this.xhr;
@@ -163,11 +166,15 @@
     // The cursor goes in the query (no CORS preflight, nchan's way) or in the headers.
     if (this.cursor && o.cursorIn === 'query') q.push('last_event_id=' + encodeURIComponent(cursorString(this.cursor)));
     if (q.length) url += (url.indexOf('?') === -1 ? '?' : '&') + q.join('&');
-    var x = new XMLHttpRequest();
+    var x = new XMLHttpRequest(), timedOut = false;
     this.xhr = x;
     x.open('GET', url, true);
     x.withCredentials = o.withCredentials !== false;
-    if (o.timeout !== 0) x.timeout = o.timeout || 75000;
+    if (o.timeout !== 0) {
+      // A poll unanswered past this is presumed dead (a half-open TCP connection after a
+      // network change): replace it at once, without counting an error.
+      this.guard = setTimeout(function () { timedOut = true; x.abort(); }, o.timeout || 75000);
+    }
     if (this.cursor && o.cursorIn !== 'query') {
       x.setRequestHeader('If-Modified-Since', new Date(this.cursor.time * 1000).toUTCString());
       x.setRequestHeader('If-None-Match', String(this.cursor.tag));
@@ -175,11 +182,11 @@
     if (o.multipart !== false) x.setRequestHeader('Accept', 'multipart/mixed, */*;q=0.5');
     x.onreadystatechange = function () {
       if (x.readyState !== 4 || self.xhr !== x) return;
+      clearTimeout(self.guard);
       self.xhr = null;
-      self.done(x);
+      if (timedOut) self.poll();
+      else self.done(x);
     };
-    // A poll older than the timeout is presumed dead (a half-open TCP connection): poll again.
-    x.ontimeout = function () { if (self.xhr === x) { self.xhr = null; self.poll(); } };
     x.send();
   };
 
