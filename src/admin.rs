@@ -94,6 +94,7 @@ impl Server {
                 keep_alive: ka,
                 multipart: false,
                 asked: self.now,
+                generation: 0,
             };
             return self.hold(t, p, None);
         }

@@ -252,7 +252,8 @@ pub struct CallbackRequest {
 }
 
 /// Worker job, mode http: `GET url` with the browser's cookie and the poll described in headers.
-/// 2xx allows (`X-Comet-User` may carry the user id); another status denies with that status;
+/// 2xx allows (`X-Comet-User` may carry the user id); a 3xx denies with 403 (redirects are not
+/// followed); a 4xx or 5xx denies with that status;
 /// a network error or timeout denies with 403 (and is logged).
 pub fn check_http(agent: &ureq::Agent, url: &str, r: &CallbackRequest) -> Verdict {
     HTTP_REQUESTS.fetch_add(1, Ordering::Relaxed);
@@ -266,6 +267,8 @@ pub fn check_http(agent: &ureq::Agent, url: &str, r: &CallbackRequest) -> Verdic
         req = req.set("Cookie", &r.cookie);
     }
     match req.call() {
+        // Redirects are not followed, so a 3xx (say, to a login page) arrives here: only a 2xx allows.
+        Ok(resp) if !(200..300).contains(&resp.status()) => Verdict::Deny(403),
         Ok(resp) => {
             let user = resp.header("X-Comet-User").map(str::to_string).filter(|u| !u.is_empty());
             Verdict::Allow(user)

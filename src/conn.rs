@@ -63,6 +63,8 @@ pub struct PendingPoll {
     pub multipart: bool,
     /// When the request arrived (for the access-check latency metric).
     pub asked: std::time::Instant,
+    /// `Server::auth_generation` when the check was sent to a worker.
+    pub generation: u64,
 }
 
 /// What a held poll needs to be answered later.

@@ -374,6 +374,8 @@ impl Server {
     fn auth_flush(&mut self, args: &[Vec<u8>]) -> Reply {
         let what = args.first().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase());
         let arg = args.get(1).map(|a| String::from_utf8_lossy(a).into_owned());
+        // Checks in flight were asked before this flush: their answers will not be cached.
+        self.auth_generation += 1;
         let n = match (what.as_deref(), arg) {
             (None, None) => self.auth_cache.clear(),
             (Some("SESSION"), Some(sid)) => self.auth_cache.flush_session(&sid),

@@ -181,6 +181,8 @@ pub struct Server {
     pub pool: Pool,
     /// Cached access verdicts.
     pub auth_cache: auth::Cache,
+    /// Bumped by every `AUTH.FLUSH`; a check started before it is not cached.
+    pub auth_generation: u64,
     /// Failed token checks by address.
     pub guard: crate::guard::Guard,
     /// The access-check settings, shared with worker jobs.
@@ -271,7 +273,10 @@ impl Server {
         }
         let pool = {
             let a = auth_cfg.clone();
-            let job_timeout = cfg.workers.job_timeout;
+            // The workers' own limits (HTTP timeout, SQLite busy timeout) sit above the loop's job
+            // timer, so a slow check is always answered 504 by the loop, never 403/503 by a worker
+            // that gave up first.
+            let job_timeout = cfg.workers.job_timeout + cfg.workers.job_timeout / 4 + Duration::from_millis(250);
             Pool::start(cfg.workers.threads, cfg.workers.queue, waker.clone(), move || worker::Resources {
                 auth_db: (a.mode == crate::config::AuthMode::Sqlite)
                     .then(|| auth::open_db(&a, job_timeout))
@@ -300,6 +305,7 @@ impl Server {
             backend_subs: Default::default(),
             pool,
             auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
+            auth_generation: 0,
             guard: crate::guard::Guard::new(cfg.limits.auth_max_failures, cfg.limits.auth_penalty),
             auth_cfg,
             conns: Slab::with_capacity(1024),
@@ -646,8 +652,9 @@ impl Server {
             Verdict::Deny(503 | 504) => k.auth_failed += 1,
             Verdict::Deny(_) => k.auth_denied += 1,
         }
-        // Transient failures (database locked, callback down) are not remembered.
-        if !matches!(verdict, Verdict::Deny(503 | 504)) {
+        // Transient failures (database locked, callback down) are not remembered, nor an answer
+        // to a question asked before the backend flushed the cache (it may be out of date).
+        if !matches!(verdict, Verdict::Deny(503 | 504)) && p.generation == self.auth_generation {
             self.auth_cache.put(&p.sid, &p.channel, verdict.clone(), self.now);
         }
         self.access_decided(ticket.token, *p, verdict);
@@ -672,6 +679,8 @@ impl Server {
         match self.pool.submit(Ticket { token: t, stamp }, task) {
             Ok(()) => {
                 self.counters.auth_jobs += 1;
+                let mut p = p;
+                p.generation = self.auth_generation;
                 let Some(c) = self.conns.get_mut(t) else { return };
                 c.stamp = stamp;
                 c.phase = Phase::Authorizing(Box::new(p));

@@ -7,6 +7,7 @@
 //! CORS, connections, control socket, limits, command line, shutdown, real clients.
 
 mod common;
+#[path = "integration/auth.rs"] mod auth;
 #[path = "integration/presence.rs"] mod presence;
 #[path = "integration/ops.rs"] mod ops;
 #[path = "integration/store.rs"] mod store;
