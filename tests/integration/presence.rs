@@ -686,8 +686,10 @@ fn presence_user_id_follows_session_open_while_online() {
         if got == anon_rows { Ok(()) } else { Err(format!("rows {got:?}, want {anon_rows:?}")) }
     });
 
-    // Login: the backend names the user while the poll is held.
+    // Login: the backend names the user while the poll is held; the session is announced again
+    // with its user id (docs/protocol.md, Presence).
     assert_eq!(cmd(&mut b, &["SESSION.OPEN", "s1", "u1"]), "+OK");
+    ev.expect(&["online s1 u1"], Duration::from_secs(2));
     let named = pairs(&[("s1", "u1")]);
     let named_rows = vec![row("s1", "u1", "", "comet"), row("s1", "u1", "goods", "comet")];
     let mut diffs = Vec::new();
