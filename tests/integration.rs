@@ -11,6 +11,7 @@ mod common;
 #[path = "integration/presence.rs"] mod presence;
 #[path = "integration/ops.rs"] mod ops;
 #[path = "integration/store.rs"] mod store;
+#[path = "integration/faults.rs"] mod faults;
 
 use common::*;
 use std::collections::HashMap;
