@@ -98,7 +98,7 @@ impl Server {
                             let Target { channel, sid, cursor, echo } = target;
                             let multipart = req.accept.as_deref().is_some_and(|a| a.contains("multipart/mixed"))
                                 || http::query_arg(&req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
-                            let p = PendingPoll { channel, sid, cursor, echo, lines: Arc::from(cors.as_bytes()), keep_alive, multipart, asked: self.now, generation: 0 };
+                            let p = PendingPoll { channel, sid, cursor, echo, lines: if cors.is_empty() { self.empty_lines.clone() } else { Arc::from(cors.as_bytes()) }, keep_alive, multipart, asked: self.now, generation: 0 };
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),

@@ -217,6 +217,8 @@ pub struct Conn {
     pub subs: std::collections::HashSet<Box<str>>,
     /// The peer closed its side (read returned 0).
     pub eof: bool,
+    /// The poller signalled the peer's FIN or an error: read until the 0.
+    pub hup: bool,
     /// Marked for reaping before the next poll; nothing more is done with it.
     pub dead: bool,
     /// When the connection was accepted.

@@ -88,20 +88,31 @@ impl Server {
     }
 
     fn command(&mut self, t: usize, args: Vec<Vec<u8>>) {
-        let name = String::from_utf8_lossy(&args[0]).into_owned();
-        let upper = name.to_ascii_uppercase();
+        // The command name, upper-cased on the stack: no allocation per command on the publish
+        // path. Names longer than any command fall through to "unknown command".
+        let mut upper_buf = [0u8; 16];
+        let upper = match args[0].len() {
+            n if n <= upper_buf.len() => {
+                upper_buf[..n].copy_from_slice(&args[0]);
+                upper_buf[..n].make_ascii_uppercase();
+                std::str::from_utf8(&upper_buf[..n]).unwrap_or("")
+            }
+            _ => "",
+        };
+        // The name as sent, for error replies only.
+        let name = || String::from_utf8_lossy(&args[0]).into_owned();
         let argc = args.len();
         // Client libraries send SELECT / CLIENT SETNAME / COMMAND while connecting, sometimes
         // before AUTH; they touch nothing but this connection, so they need no token.
         let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
         let subscribed = !self.conns[t].subs.is_empty();
-        let reply = if !authed && !matches!(upper.as_str(), "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
+        let reply = if !authed && !matches!(upper, "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
             Reply::Error("NOAUTH Authentication required.".into())
-        } else if subscribed && !matches!(upper.as_str(), "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT") {
+        } else if subscribed && !matches!(upper, "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT") {
             // As Redis (RESP2): a connection in pub/sub mode only receives messages.
             Reply::Error(format!(
                 "ERR Can't execute '{}': only SUBSCRIBE / UNSUBSCRIBE / PING / QUIT are allowed in this context",
-                name.to_ascii_lowercase()
+                name().to_ascii_lowercase()
             ))
         } else if subscribed && upper == "PING" {
             let mut o = Vec::new();
@@ -110,11 +121,11 @@ impl Server {
             resp::bulk(&mut o, args.get(1).map_or(&b""[..], |a| &a[..]));
             Reply::Raw(o)
         } else {
-            match upper.as_str() {
+            match upper {
                 "PING" => match argc {
                     1 => Reply::Simple("PONG"),
                     2 => Reply::Bulk(args[1].clone()),
-                    _ => arity(&name),
+                    _ => arity(&name()),
                 },
                 "ECHO" if argc == 2 => Reply::Bulk(args[1].clone()),
                 "QUIT" => {
@@ -130,8 +141,7 @@ impl Server {
                 "COMMAND" => Reply::EmptyArray,
                 "PUBLISH" if argc == 3 => match std::str::from_utf8(&args[1]) {
                     Ok(ch) if hub::valid_channel(ch, self.cfg.limits.max_channel_id_bytes) => {
-                        let ch = ch.to_string();
-                        let n = self.publish(&ch, RESP_CONTENT_TYPE, &args[2]) as i64;
+                        let n = self.publish(ch, RESP_CONTENT_TYPE, &args[2]) as i64;
                         if self.store_acks_wait() {
                             // fsync = "always": the reply waits until the message is on disk.
                             let mut o = Vec::new();
@@ -186,8 +196,8 @@ impl Server {
                 "KICK" if argc == 2 => self.kick(&args[1]),
                 "SIGN" if (2..=4).contains(&argc) => self.sign(&args[1..]),
                 "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" | "AUTH.FLUSH"
-                | "SIGN" | "SUBSCRIBE" | "ONLINE" | "PRESENCE" | "PUBSUB" | "JOIN" | "LEAVE" | "KICK" => arity(&name),
-                _ => Reply::Error(format!("ERR unknown command '{}'", name.replace(['\r', '\n'], " "))),
+                | "SIGN" | "SUBSCRIBE" | "ONLINE" | "PRESENCE" | "PUBSUB" | "JOIN" | "LEAVE" | "KICK" => arity(&name()),
+                _ => Reply::Error(format!("ERR unknown command '{}'", name().replace(['\r', '\n'], " "))),
             }
         };
         let Some(c) = self.conns.get_mut(t) else { return };

@@ -340,19 +340,19 @@ pub fn cursor_headers(c: Option<MsgId>) -> String {
 }
 
 /// The part of a message's 200 response that is the same for every subscriber: the headers
-/// after the status line and connection-specific lines, then the body. Encoded once at publish.
+/// after the status line and connection-specific lines, then the body. Encoded once at publish;
+/// `date` is `time::http_date(id.time)`, which the hub formats once per second.
 /// `channel` is where the message was published (`X-Comet-Channel`: a private stream carries
 /// copies of joined channels' messages, and the page tells them apart by it).
-pub fn message_tail(id: MsgId, channel: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
-    let head = format!(
-        "Last-Modified: {}\r\nEtag: {}\r\nX-Comet-Channel: {channel}\r\nVary: If-None-Match, If-Modified-Since\r\nCache-Control: no-cache, no-store\r\nContent-Type: {}\r\nContent-Length: {}\r\n\r\n",
-        time::http_date(id.time),
+pub fn message_tail(id: MsgId, date: &str, channel: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut v = Vec::with_capacity(body.len() + channel.len() + content_type.len() + 200);
+    let _ = write!(
+        v,
+        "Last-Modified: {date}\r\nEtag: {}\r\nX-Comet-Channel: {channel}\r\nVary: If-None-Match, If-Modified-Since\r\nCache-Control: no-cache, no-store\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         id.tag,
-        content_type,
         body.len()
     );
-    let mut v = Vec::with_capacity(head.len() + body.len());
-    v.extend_from_slice(head.as_bytes());
     v.extend_from_slice(body);
     v
 }
@@ -486,7 +486,7 @@ mod tests {
         let mut out = Vec::new();
         response(&mut out, 404, connection_header(false).as_bytes(), "text/plain", b"no");
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nno");
-        let tail = message_tail(MsgId { time: 0, tag: 1 }, "c", "text/plain", b"hi");
+        let tail = message_tail(MsgId { time: 0, tag: 1 }, &time::http_date(0), "c", "text/plain", b"hi");
         assert!(tail.starts_with(b"Last-Modified: Thu, 01 Jan 1970 00:00:00 GMT\r\nEtag: 1\r\n"));
         assert!(tail.ends_with(b"Content-Length: 2\r\n\r\nhi"));
     }

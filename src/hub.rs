@@ -39,7 +39,28 @@ pub struct Message {
 }
 
 /// A poll waiting on a channel: its hold id (never reused) and the connection's slab token.
-pub type Waiters = HashMap<u64, usize>;
+pub type Waiters = HashMap<u64, usize, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Hashes hold ids: they are unique counters the daemon made, not peer input, so a multiply by
+/// the golden ratio spreads them well at a fraction of SipHash's cost (one per held poll).
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 /// Where a poll starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +162,8 @@ pub struct Hub {
     pub stats: Stats,
     /// The second the daemon started.
     start_second: u64,
+    /// The HTTP date of the last message's second, formatted once per second.
+    date: (u64, String),
     /// Whether drops are recorded for the store.
     track_drops: bool,
     /// Messages that left buffers since the store last took them: (channel, newest id dropped).
@@ -182,6 +205,7 @@ impl Hub {
             buffered: 0,
             stats: Stats::default(),
             start_second: u64::MAX,
+            date: (0, String::new()),
             track_drops: false,
             drops: Vec::new(),
         }
@@ -246,7 +270,7 @@ impl Hub {
         ch.last_id = Some(id);
         ch.messages.push_back(Arc::new(Message {
             id,
-            http_tail: crate::http::message_tail(id, name, content_type, body).into_boxed_slice(),
+            http_tail: crate::http::message_tail(id, &crate::time::http_date(id.time), name, content_type, body).into_boxed_slice(),
             body_len: body.len(),
         }));
         self.buffered += 1;
@@ -318,9 +342,12 @@ impl Hub {
             _ => MsgId { time: now, tag: 0 },
         };
         ch.last_id = Some(id);
+        if self.date.0 != id.time || self.date.1.is_empty() {
+            self.date = (id.time, crate::time::http_date(id.time));
+        }
         let msg = Arc::new(Message {
             id,
-            http_tail: crate::http::message_tail(id, origin, content_type, body).into_boxed_slice(),
+            http_tail: crate::http::message_tail(id, &self.date.1, origin, content_type, body).into_boxed_slice(),
             body_len: body.len(),
         });
         ch.messages.push_back(msg.clone());

@@ -165,7 +165,13 @@ impl Presence {
     pub fn poll_started(&mut self, sid: &str, user: Option<&str>, channel: &str, hold: u64, token: usize, out: &mut Vec<Event>) {
         if sid.is_empty() {
             if !private(channel) {
-                *self.anon.entry(channel.into()).or_default() += 1;
+                // Look up before inserting: `entry` would allocate the key on every poll.
+                match self.anon.get_mut(channel) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.anon.insert(channel.into(), 1);
+                    }
+                }
             }
             return;
         }

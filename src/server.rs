@@ -206,6 +206,8 @@ pub struct Server {
     stopping: Option<Instant>,
     /// systemd notifications.
     notifier: crate::notify::Notifier,
+    /// Shared empty CORS lines, so a same-origin poll allocates none.
+    pub empty_lines: Arc<[u8]>,
     /// When the admin page's next snapshot is due, and the published count at the last one.
     admin_tick: Instant,
     admin_last_published: u64,
@@ -225,8 +227,18 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// Pending connections the kernel queues per listener. mio (like std) listens with 128, which
+/// overflows when thousands of browsers reconnect at once after a restart; nginx uses 511.
+const LISTEN_BACKLOG: i32 = 4096;
+
 fn bind(poll: &Poll, addr: SocketAddr, token: Token, what: &str) -> Result<TcpListener, StartError> {
     let mut l = TcpListener::bind(addr).map_err(|e| StartError(format!("{what}.listen: cannot listen on {addr}: {e}")))?;
+    // Linux lets listen() be called again to change the backlog (capped by net.core.somaxconn).
+    // SAFETY: a plain syscall on a listening socket this function owns.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        libc::listen(l.as_raw_fd(), LISTEN_BACKLOG);
+    }
     poll.registry()
         .register(&mut l, token, Interest::READABLE)
         .map_err(|e| StartError(format!("{what}.listen: {e}")))?;
@@ -326,6 +338,7 @@ impl Server {
             stopping: None,
             notifier: crate::notify::Notifier::from_env(),
             watchdog_at: None,
+            empty_lines: Arc::from(&b""[..]),
             admin_tick: Instant::now(),
             admin_last_published: 0,
             cfg,
@@ -385,6 +398,7 @@ impl Server {
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             if let Some(c) = self.conns.get_mut(t) {
                                 c.readable = true;
+                                c.hup |= ev.is_read_closed() || ev.is_error();
                             }
                             self.drive(t);
                         }
@@ -754,6 +768,7 @@ impl Server {
             name: None,
             subs: Default::default(),
             eof: false,
+            hup: false,
             dead: false,
             since: self.now,
         });
@@ -789,6 +804,12 @@ impl Server {
                     c.inbuf.extend_from_slice(&self.scratch[..n]);
                     if c.inbuf.len() == n && n < c.inbuf.capacity() / 4 {
                         c.inbuf.shrink_to_fit();
+                    }
+                    // A short read emptied the socket: skip the read that would only say
+                    // WouldBlock (a syscall per request). New data raises a new edge. After the
+                    // peer's FIN was signalled, read on to see the 0.
+                    if n < self.scratch.len() && !c.hup {
+                        c.readable = false;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -965,7 +986,7 @@ impl Server {
     /// counts as polling (online, and on the channel) from now.
     pub fn hold(&mut self, t: usize, p: PendingPoll, user: Option<String>) {
         let id = self.stamp();
-        let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
+        let user = if p.sid.is_empty() { None } else { user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone())) };
         self.presence.poll_started(&p.sid, user.as_deref(), &p.channel, id, t, &mut self.events);
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
             crate::hub::Poll::Message(m, skipped) => {

@@ -158,16 +158,23 @@ fn brute_force_is_cut_per_connection_and_slowed_per_address() {
     let cfg = Config::default().set("limits", "auth_max_failures", "5").set("limits", "auth_penalty_secs", "2");
     let d = Daemon::start_with(&cfg);
     // Three wrong tokens close the connection.
+    // (Pipelined, so the five failures land within one log-rate window.)
     let mut c = d.control();
+    let mut raw = Vec::new();
     for i in 0..3 {
-        let r = c.cmd(&["AUTH", &format!("guess{i}")]);
+        raw.extend(encode_str(&["AUTH", &format!("guess{i}")]));
+    }
+    let mut c2 = d.control();
+    c.send_raw(&raw);
+    c2.send_raw(&[encode_str(&["AUTH", "guess3"]), encode_str(&["AUTH", "guess4"])].concat());
+    for _ in 0..3 {
+        let r = c.reply();
         assert!(r.to_string().starts_with("-WRONGPASS"), "{r}");
     }
     c.expect_closed();
     // Two more from the same address reach the limit: now even the right token is refused.
-    let mut c = d.control();
-    c.cmd(&["AUTH", "guess3"]);
-    c.cmd(&["AUTH", "guess4"]);
+    c2.reply();
+    c2.reply();
     let mut c = d.control();
     let r = c.cmd(&["AUTH", "s3cret-token"]);
     assert!(r.to_string().starts_with("-ERR too many failed AUTH attempts"), "{r}");
