@@ -106,6 +106,14 @@ impl Server {
         // before AUTH; they touch nothing but this connection, so they need no token.
         let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
         let subscribed = !self.conns[t].subs.is_empty();
+        if matches!(upper, "POST" | "HOST:") {
+            // As Redis: an HTTP request on this port is a browser tricked into talking to it
+            // (cross-protocol scripting). Close without a word.
+            crate::warn!("control connection from {} sent an HTTP request: closed", self.conns[t].peer);
+            self.counters.rejected += 1;
+            self.kill(t);
+            return;
+        }
         let reply = if !authed && !matches!(upper, "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
             Reply::Error("NOAUTH Authentication required.".into())
         } else if subscribed && !matches!(upper, "SUBSCRIBE" | "UNSUBSCRIBE" | "PING" | "QUIT") {

@@ -82,6 +82,10 @@ const fn fail(status: u16, reason: &'static str) -> HttpError {
 pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option<(Request, usize)>, HttpError> {
     // Leading blank lines between pipelined requests are allowed (RFC 9112 2.2).
     let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+    if skip >= max_head {
+        // Blank lines count against the head's cap, or a peer could send them forever.
+        return Err(fail(431, "request head too large"));
+    }
     let data = &buf[skip..];
     let limit = data.len().min(max_head);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -441,6 +445,7 @@ mod tests {
         }
         // Oversized and still partial: refused as soon as the cap is reached, not at the end.
         assert_eq!(parse(&vec![b'a'; MAX]).unwrap_err().status, 431);
+        assert_eq!(parse(&b"\r\n".repeat(MAX / 2)).unwrap_err().status, 431, "blank lines count too");
     }
 
     #[test]

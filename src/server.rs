@@ -773,7 +773,9 @@ impl Server {
             since: self.now,
         });
         if kind != Kind::Control {
-            self.timers.idle.push_back(Timer { at: self.now + self.cfg.limits.head_timeout, token, stamp: id });
+            // A fresh connection must start its request within the head timeout. (The head
+            // queue: every entry there has the same duration, which keeps the FIFO in order.)
+            self.timers.head.push_back(Timer { at: self.now + self.cfg.limits.head_timeout, token, stamp: id });
         }
         debug!("accepted {:?} connection {id} from {peer}", kind);
     }
@@ -824,6 +826,22 @@ impl Server {
                 }
             }
             self.process(t);
+        }
+        let Some(c) = self.conns.get_mut(t) else { return };
+        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_)) && !c.store_wait {
+            // Full, nothing parseable, and nothing waiting on output: a request larger than any
+            // the caps allow (say, a RESP command whose arguments add up past them). Refuse it
+            // rather than wait forever for bytes that cannot fit.
+            self.counters.rejected += 1;
+            warn!("{:?} connection from {} closed: request larger than the input buffer ({cap} bytes)", c.kind, c.peer);
+            if c.kind == Kind::Control {
+                c.out.append(|o| crate::resp::error(o, "ERR Protocol error: request too large"));
+                c.close_after_write = true;
+                self.flush(t);
+            } else {
+                self.respond(t, 413, "", b"request too large", false);
+            }
+            return;
         }
         let Some(c) = self.conns.get_mut(t) else { return };
         if c.eof && !c.dead {
@@ -1267,7 +1285,23 @@ impl Server {
 
     // ---- timers ----
 
+    /// Drops timer entries that can no longer fire (their connection moved on or went away), once
+    /// a queue holds twice as many entries as there are connections: a busy keep-alive connection
+    /// pushes an idle timer per answer, and without this the queue would grow with the request
+    /// rate times `idle_timeout`. Order is kept, so the queues stay sorted; amortised O(1).
+    fn compact_timers(&mut self) {
+        let limit = 2 * self.conns.len() + 1024;
+        let conns = &self.conns;
+        for q in [&mut self.timers.hold, &mut self.timers.head, &mut self.timers.idle, &mut self.timers.job] {
+            if q.len() > limit {
+                q.retain(|x| conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && !c.dead));
+                q.shrink_to(limit);
+            }
+        }
+    }
+
     fn fire_timers(&mut self) {
+        self.compact_timers();
         let now = Instant::now();
         while self.timers.hold.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.hold.pop_front() else { break };
@@ -1287,10 +1321,19 @@ impl Server {
         }
         while self.timers.head.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.head.pop_front() else { break };
-            if self.conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && matches!(c.phase, Phase::Head | Phase::Body(_)) && !c.dead) {
-                debug!("request head timeout from {}", self.conns[x.token].peer);
-                self.counters.rejected += 1;
-                self.respond(x.token, 408, "", b"request head not received in time", false);
+            let Some(c) = self.conns.get(x.token) else { continue };
+            if c.stamp != x.stamp || c.dead {
+                continue;
+            }
+            match c.phase {
+                Phase::Head | Phase::Body(_) => {
+                    debug!("request head timeout from {}", c.peer);
+                    self.counters.rejected += 1;
+                    self.respond(x.token, 408, "", b"request head not received in time", false);
+                }
+                // Connected and never sent a byte.
+                Phase::Idle => self.kill(x.token),
+                _ => {}
             }
         }
         while self.timers.idle.front().is_some_and(|x| x.at <= now) {
