@@ -31,6 +31,13 @@ const CONTROL: Token = Token(usize::MAX - 2);
 const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 4);
 
+/// The start of a 200: status line, `Date`, `Connection` (the lines that differ per delivery).
+fn ok_head(o: &mut Vec<u8>, date: &str, keep_alive: bool) {
+    o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    o.extend_from_slice(date.as_bytes());
+    o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
+}
+
 /// Most messages in one multipart answer.
 const MAX_BATCH: usize = 100;
 
@@ -1041,11 +1048,7 @@ impl Server {
         self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
         let date = &self.date;
-        c.out.append(|o| {
-            o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-            o.extend_from_slice(date.as_bytes());
-            o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
-        });
+        c.out.append(|o| ok_head(o, date, keep_alive));
         if !lines.is_empty() {
             c.out.push(Chunk::Shared(lines.clone()));
         }
@@ -1068,9 +1071,7 @@ impl Server {
         let Some(c) = self.conns.get_mut(t) else { return };
         let date = &self.date;
         c.out.append(|o| {
-            o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
-            o.extend_from_slice(date.as_bytes());
-            o.extend_from_slice(http::connection_header(keep_alive).as_bytes());
+            ok_head(o, date, keep_alive);
             o.extend_from_slice(http::cursor_headers(Some(last)).as_bytes());
             o.extend_from_slice(
                 format!(

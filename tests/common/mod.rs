@@ -154,6 +154,24 @@ pub fn temp_dir() -> PathBuf {
     dir
 }
 
+/// A temp dir of a test's own, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch(temp_dir())
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Writes `config` as `server.toml` in a fresh temp dir; returns (dir, path).
 pub fn write_config(config: &str) -> (PathBuf, PathBuf) {
     let dir = temp_dir();

@@ -30,23 +30,6 @@ const CALLBACK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/examples/php/c
 // Helpers
 // =============================================================================================
 
-/// A temp dir of the test's own, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch(temp_dir())
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A TOML basic string (Rust's debug quoting is the same for the paths and SQL used here).
 fn toml_str(s: &str) -> String {

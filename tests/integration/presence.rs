@@ -237,23 +237,6 @@ fn require_phpredis() {
     );
 }
 
-/// A temp dir of the test's own (the daemon's dir goes with the daemon), removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch(temp_dir())
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A presence row: (session, user or "" for NULL, channel, daemon).
 type Row = (String, String, String, String);
