@@ -189,6 +189,16 @@ impl Presence {
         });
     }
 
+    /// `poll_started`, but a session not yet known is tracked only while fewer than `cap`
+    /// sessions are; beyond that its poll counts as an anonymous one. Returns whether the
+    /// session is tracked: the caller must end the poll under "" when it is not.
+    #[allow(clippy::too_many_arguments)]
+    pub fn poll_started_capped(&mut self, sid: &str, user: Option<&str>, channel: &str, hold: u64, token: usize, cap: usize, out: &mut Vec<Event>) -> bool {
+        let tracked = sid.is_empty() || self.visitors.len() < cap || self.visitors.contains_key(sid);
+        self.poll_started(if tracked { sid } else { "" }, user, channel, hold, token, out);
+        tracked && !sid.is_empty()
+    }
+
     /// A poll ended (answered, timed out, or its connection closed). Nothing changes until grace.
     pub fn poll_ended(&mut self, sid: &str, channel: &str, hold: u64, now: Instant) {
         if sid.is_empty() {
@@ -458,6 +468,19 @@ mod tests {
         p.poll_ended("", "goods", 1, Instant::now());
         p.poll_ended("", "goods", 2, Instant::now());
         assert!(p.channels().is_empty());
+    }
+
+    #[test]
+    fn unknown_sessions_beyond_the_cap_count_as_anonymous() {
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        assert!(p.poll_started_capped("a", None, "goods", 1, 1, 2, &mut ev));
+        assert!(p.poll_started_capped("b", None, "goods", 2, 2, 2, &mut ev));
+        assert!(!p.poll_started_capped("c", None, "goods", 3, 3, 2, &mut ev), "over the cap");
+        assert!(p.poll_started_capped("a", None, "goods", 4, 4, 2, &mut ev), "known sessions still count");
+        assert_eq!((p.online_count(), p.numsub("goods")), (2, 3));
+        p.poll_ended("", "goods", 3, Instant::now());
+        assert_eq!(p.numsub("goods"), 2, "the anonymous count does not drift");
     }
 
     #[test]

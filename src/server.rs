@@ -209,6 +209,9 @@ pub struct Server {
     handle: Handle,
     /// When accepting may resume after running out of descriptors.
     accept_paused_until: Option<Instant>,
+    /// Failed accepts, and when one was last logged.
+    accept_failures: u64,
+    accept_logged: Option<Instant>,
     /// Shutdown deadline once a shutdown began.
     stopping: Option<Instant>,
     /// systemd notifications.
@@ -342,6 +345,8 @@ impl Server {
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             handle: Handle { waker, shutdown: Arc::new(AtomicBool::new(false)) },
             accept_paused_until: None,
+            accept_failures: 0,
+            accept_logged: None,
             stopping: None,
             notifier: crate::notify::Notifier::from_env(),
             watchdog_at: None,
@@ -730,7 +735,15 @@ impl Server {
                 Err(e) => {
                     // Out of descriptors (EMFILE/ENFILE) or a transient error: retrying at once
                     // would spin on a listener that stays readable, so pause all accepting briefly.
-                    warn!("accept on {:?} listener failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?}", kind);
+                    // Logged at most every 10 s: at the limit this repeats ten times a second.
+                    self.accept_failures += 1;
+                    if self.accept_logged.is_none_or(|at| self.now.duration_since(at) >= Duration::from_secs(10)) {
+                        warn!(
+                            "accept on {:?} listener failed: {e}; pausing accepts for {ACCEPT_BACKOFF:?} ({} failures so far)",
+                            kind, self.accept_failures
+                        );
+                        self.accept_logged = Some(self.now);
+                    }
                     self.accept_paused_until = Some(self.now + ACCEPT_BACKOFF);
                     return;
                 }
@@ -1012,11 +1025,20 @@ impl Server {
     pub fn hold(&mut self, t: usize, p: PendingPoll, user: Option<String>) {
         let id = self.stamp();
         let user = if p.sid.is_empty() { None } else { user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone())) };
-        self.presence.poll_started(&p.sid, user.as_deref(), &p.channel, id, t, &mut self.events);
+        // A session the application vouched for (opened it, or an access check named its user)
+        // is always tracked; a cookie nobody vouched for only while there is room, so made-up
+        // cookies cannot grow presence without bound.
+        let vouched = user.is_some() || (!p.sid.is_empty() && self.hub.session(&p.sid).is_some());
+        let cap = if vouched { usize::MAX } else { self.cfg.limits.max_connections };
+        let tracked = self.presence.poll_started_capped(&p.sid, user.as_deref(), &p.channel, id, t, cap, &mut self.events);
+        let mut p = p;
+        if !tracked {
+            // Counted as anonymous: it must end as anonymous too.
+            p.sid.clear();
+        }
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
             crate::hub::Poll::Message(m, skipped) => {
                 self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
-                let mut p = p;
                 if skipped {
                     // The cursor is older than the buffer: say so (nchan skips silently).
                     let mut lines = p.lines.to_vec();
@@ -1198,13 +1220,17 @@ impl Server {
         crate::resp::bulk(&mut frame, channel.as_bytes());
         crate::resp::bulk(&mut frame, payload);
         let frame: Arc<[u8]> = frame.into();
+        let mut n = 0;
         for &t in &tokens {
-            if let Some(c) = self.conns.get_mut(t) {
-                c.out.push(Chunk::Shared(frame.clone()));
+            // A subscriber cut earlier in this turn (a slow reader) gets nothing more.
+            match self.conns.get_mut(t) {
+                Some(c) if !c.dead => c.out.push(Chunk::Shared(frame.clone())),
+                _ => continue,
             }
+            n += 1;
             self.flush(t);
         }
-        tokens.len()
+        n
     }
 
     /// Sends the presence events gathered this turn to `__presence__` subscribers (and, when

@@ -12,6 +12,8 @@ mod common;
 #[path = "integration/ops.rs"] mod ops;
 #[path = "integration/store.rs"] mod store;
 #[path = "integration/faults.rs"] mod faults;
+#[path = "integration/fuzz.rs"] mod fuzz;
+#[path = "integration/hardening.rs"] mod hardening;
 
 use common::*;
 use std::collections::HashMap;
