@@ -219,6 +219,8 @@ pub struct Conn {
     pub eof: bool,
     /// The poller signalled the peer's FIN or an error: read until the 0.
     pub hup: bool,
+    /// Stamp of the write timer set when the output stopped moving; 0 while it moves.
+    pub write_blocked: u64,
     /// Marked for reaping before the next poll; nothing more is done with it.
     pub dead: bool,
     /// When the connection was accepted.

@@ -58,6 +58,9 @@ pub const PRESENCE_CHANNEL: &str = "__presence__";
 
 /// Longest a shutdown waits for answers to drain before closing what is left.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Bytes read from one connection in one turn before others get theirs.
+const READ_BUDGET: usize = 1 << 20;
+
 /// Extra time a shutdown waits for the last store batch.
 const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 /// Pause before accepting again after the process ran out of descriptors.
@@ -97,6 +100,8 @@ struct Timers {
     idle: VecDeque<Timer>,
     /// Polls waiting for a worker's access check: `job_timeout` -> 504.
     job: VecDeque<Timer>,
+    /// Connections whose output has not moved: `idle_timeout` -> cut as a slow reader.
+    write: VecDeque<Timer>,
 }
 
 /// Counters for `INFO` and `/status`.
@@ -203,6 +208,8 @@ pub struct Server {
     pending: Vec<usize>,
     /// Connections marked dead, freed before the next poll.
     dead: Vec<usize>,
+    /// Connections that used up their read budget: driven again after the next poll.
+    yielded: Vec<usize>,
     /// Read buffer shared by all connections: a read lands here, then only the bytes read are
     /// appended to the connection's own buffer.
     scratch: Box<[u8]>,
@@ -342,6 +349,7 @@ impl Server {
             last_stamp: 0,
             pending: Vec::new(),
             dead: Vec::new(),
+            yielded: Vec::new(),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
             handle: Handle { waker, shutdown: Arc::new(AtomicBool::new(false)) },
             accept_paused_until: None,
@@ -417,6 +425,9 @@ impl Server {
                     }
                 }
             }
+            for t in std::mem::take(&mut self.yielded) {
+                self.drive(t);
+            }
             self.fire_timers();
         }
     }
@@ -452,8 +463,12 @@ impl Server {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
+        if !self.yielded.is_empty() {
+            // Input is waiting: look at everyone's events, but do not sleep.
+            return Some(Duration::ZERO);
+        }
         let mut next = self.now + Duration::from_secs(1);
-        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle, &self.timers.job] {
+        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle, &self.timers.job, &self.timers.write] {
             if let Some(t) = q.front() {
                 next = next.min(t.at);
             }
@@ -789,6 +804,7 @@ impl Server {
             subs: Default::default(),
             eof: false,
             hup: false,
+            write_blocked: 0,
             dead: false,
             since: self.now,
         });
@@ -813,9 +829,16 @@ impl Server {
         self.process(t);
         let cap = self.inbuf_cap();
         let out_pause = self.cfg.limits.max_output_bytes / 2;
+        let mut budget = READ_BUDGET;
         loop {
             let Some(c) = self.conns.get_mut(t) else { return };
             if c.dead || c.eof || !c.readable || c.inbuf.len() >= cap || c.out.len() > out_pause {
+                break;
+            }
+            if budget == 0 {
+                // This peer had its share of the turn (a backend pipelining megabytes); the
+                // rest of its input waits for the next turn, after everyone else's events.
+                self.yielded.push(t);
                 break;
             }
             match c.stream.read(&mut self.scratch) {
@@ -823,6 +846,7 @@ impl Server {
                     c.eof = true;
                 }
                 Ok(n) => {
+                    budget = budget.saturating_sub(n);
                     c.inbuf.extend_from_slice(&self.scratch[..n]);
                     if c.inbuf.len() == n && n < c.inbuf.capacity() / 4 {
                         c.inbuf.shrink_to_fit();
@@ -1277,7 +1301,13 @@ impl Server {
             return;
         }
         let had_output = !c.out.is_empty();
-        match c.out.flush(&mut c.stream) {
+        let before = c.out.len();
+        let result = c.out.flush(&mut c.stream);
+        if c.out.len() < before {
+            // Progress: the write clock starts again at the next block.
+            c.write_blocked = 0;
+        }
+        match result {
             Ok(true) => {
                 if c.close_after_write {
                     self.kill(t);
@@ -1291,6 +1321,12 @@ impl Server {
                     warn!("{:?} connection from {} cut: {} bytes unread (limits.max_output_bytes)", c.kind, c.peer, c.out.len());
                     self.counters.slow_readers += 1;
                     self.kill(t);
+                } else if c.write_blocked == 0 {
+                    // The peer stopped reading: it has idle_timeout to take some bytes.
+                    self.last_stamp += 1;
+                    c.write_blocked = self.last_stamp;
+                    let at = self.now + self.cfg.limits.idle_timeout;
+                    self.timers.write.push_back(Timer { at, token: t, stamp: self.last_stamp });
                 }
             }
             Err(e) => {
@@ -1324,6 +1360,11 @@ impl Server {
                 q.retain(|x| conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && !c.dead));
                 q.shrink_to(limit);
             }
+        }
+        let q = &mut self.timers.write;
+        if q.len() > limit {
+            q.retain(|x| conns.get(x.token).is_some_and(|c| c.write_blocked == x.stamp && !c.dead));
+            q.shrink_to(limit);
         }
     }
 
@@ -1361,6 +1402,15 @@ impl Server {
                 // Connected and never sent a byte.
                 Phase::Idle => self.kill(x.token),
                 _ => {}
+            }
+        }
+        while self.timers.write.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.write.pop_front() else { break };
+            let Some(c) = self.conns.get(x.token) else { continue };
+            if c.write_blocked == x.stamp && !c.out.is_empty() && !c.dead {
+                warn!("{:?} connection from {} cut: read nothing of {} bytes for {:?} (limits.idle_timeout_secs)", c.kind, c.peer, c.out.len(), self.cfg.limits.idle_timeout);
+                self.counters.slow_readers += 1;
+                self.kill(x.token);
             }
         }
         while self.timers.idle.front().is_some_and(|x| x.at <= now) {

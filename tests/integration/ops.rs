@@ -213,3 +213,31 @@ fn client_js_revalidates_by_etag_and_answers_head() {
     let second = text.find("HTTP/1.1 304").expect("the pipelined request is answered right after the head");
     assert!(text[..second].ends_with("\r\n\r\n"), "no body after the HEAD answer");
 }
+
+#[test]
+fn a_reader_that_stops_reading_is_cut_after_idle_timeout() {
+    let cfg = Config::default()
+        .set("limits", "idle_timeout_secs", "1")
+        .set("limits", "max_message_bytes", "1000000")
+        .set("limits", "max_output_bytes", "64000000");
+    let d = Daemon::start_with(&cfg);
+    let mut sub = d.backend();
+    assert!(sub.cmd(&["SUBSCRIBE", "firehose"]).to_string().starts_with("*3"));
+    // Enough to fill the socket buffers, well under the output cap: only the clock can cut it.
+    let mut b = d.backend();
+    let big = "x".repeat(900_000);
+    for _ in 0..20 {
+        b.cmd(&["PUBLISH", "firehose", &big]);
+    }
+    let t0 = std::time::Instant::now();
+    loop {
+        if d.info()["slow_readers_cut"] == "1" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "the stuck subscriber was not cut:\n{}", d.logs().join("\n"));
+        std::thread::sleep(ms(100));
+    }
+    assert!(d.logs().iter().any(|l| l.contains("read nothing of")));
+    // A publisher that keeps going is not touched.
+    assert_eq!(b.cmd(&["PUBLISH", "firehose", "x"]).to_string(), ":0");
+}
