@@ -1379,7 +1379,10 @@ fn slow_backend_subscriber_is_cut_at_max_output_bytes() {
     let cfg = base()
         .set("limits", "max_message_bytes", "204800")
         .set("limits", "max_output_bytes", "1048576")
-        .set("channels", "buffer_length", "1");
+        // Small enough that the buffered 100 KB messages do not hide the output cap in the RSS
+        // figure, large enough that the canary (a message every 20 ms) never falls out of it
+        // while the loop works through the 50 MB.
+        .set("channels", "buffer_length", "16");
     let d = Daemon::start_with(&cfg);
     let pid = d.pid();
     let canary = Canary::start(&d, "canary");

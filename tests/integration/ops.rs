@@ -182,7 +182,12 @@ fn brute_force_is_cut_per_connection_and_slowed_per_address() {
     let r = d.admin().request(&request("GET", "/status", &[BEARER], ""));
     assert_eq!(r.status, 429, "{r}");
     assert!(r.header("Retry-After").is_some());
-    // Log lines are rate-limited: five failures, far fewer "wrong token" lines.
+    // Log lines are rate-limited: five failures, far fewer "wrong token" lines. (The log reader
+    // is a thread of the test: wait for the penalty line before counting.)
+    let t0 = std::time::Instant::now();
+    while !d.logs().iter().any(|l| l.contains("failed token checks")) && t0.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(ms(20));
+    }
     let wrong = d.logs().iter().filter(|l| l.contains("wrong token")).count();
     assert!((1..5).contains(&wrong), "{wrong} wrong-token lines:\n{}", d.logs().join("\n"));
     assert!(d.logs().iter().any(|l| l.contains("refused for 2 s after 5 failed token checks")));
