@@ -480,7 +480,9 @@ impl Server {
             next = next.min(at);
         }
         if let Some(at) = self.stopping {
-            next = next.min(at);
+            // Past the connections' grace only the store is waited for (its answer wakes the
+            // loop): sleep toward the store's deadline instead of spinning.
+            next = next.min(if at <= Instant::now() { at + STORE_SHUTDOWN_GRACE } else { at });
         }
         if let Some(at) = self.watchdog_at {
             next = next.min(at);
