@@ -221,6 +221,8 @@ pub struct Conn {
     pub hup: bool,
     /// Stamp of the write timer set when the output stopped moving; 0 while it moves.
     pub write_blocked: u64,
+    /// Used up its read budget this turn: read again only after the next poll.
+    pub yielded: bool,
     /// Marked for reaping before the next poll; nothing more is done with it.
     pub dead: bool,
     /// When the connection was accepted.

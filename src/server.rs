@@ -426,6 +426,9 @@ impl Server {
                 }
             }
             for t in std::mem::take(&mut self.yielded) {
+                if let Some(c) = self.conns.get_mut(t) {
+                    c.yielded = false;
+                }
                 self.drive(t);
             }
             self.fire_timers();
@@ -807,6 +810,7 @@ impl Server {
             eof: false,
             hup: false,
             write_blocked: 0,
+            yielded: false,
             dead: false,
             since: self.now,
         });
@@ -837,10 +841,13 @@ impl Server {
             if c.dead || c.eof || !c.readable || c.inbuf.len() >= cap || c.out.len() > out_pause {
                 break;
             }
-            if budget == 0 {
+            if budget == 0 || c.yielded {
                 // This peer had its share of the turn (a backend pipelining megabytes); the
                 // rest of its input waits for the next turn, after everyone else's events.
-                self.yielded.push(t);
+                if !c.yielded {
+                    c.yielded = true;
+                    self.yielded.push(t);
+                }
                 break;
             }
             match c.stream.read(&mut self.scratch) {
