@@ -349,16 +349,43 @@ pub fn cursor_headers(c: Option<MsgId>) -> String {
 /// `channel` is where the message was published (`X-Comet-Channel`: a private stream carries
 /// copies of joined channels' messages, and the page tells them apart by it).
 pub fn message_tail(id: MsgId, date: &str, channel: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut v = Vec::with_capacity(body.len() + channel.len() + content_type.len() + 200);
-    let _ = write!(
-        v,
-        "Last-Modified: {date}\r\nEtag: {}\r\nX-Comet-Channel: {channel}\r\nVary: If-None-Match, If-Modified-Since\r\nCache-Control: no-cache, no-store\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        id.tag,
-        body.len()
-    );
-    v.extend_from_slice(body);
+    // Assembled from pieces into an exact-size buffer: this runs once per publish, and the
+    // formatting machinery and a shrinking reallocation were a tenth of a PUBLISH's cost.
+    let (mut tag, mut len) = ([0u8; 20], [0u8; 20]);
+    let tag = decimal(u64::from(id.tag), &mut tag);
+    let len = decimal(body.len() as u64, &mut len);
+    let parts: [&[u8]; 12] = [
+        b"Last-Modified: ",
+        date.as_bytes(),
+        b"\r\nEtag: ",
+        tag,
+        b"\r\nX-Comet-Channel: ",
+        channel.as_bytes(),
+        b"\r\nVary: If-None-Match, If-Modified-Since\r\nCache-Control: no-cache, no-store\r\nContent-Type: ",
+        content_type.as_bytes(),
+        b"\r\nContent-Length: ",
+        len,
+        b"\r\n\r\n",
+        body,
+    ];
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
     v
+}
+
+/// Writes `n` in decimal at the end of `buf`; returns the digits.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -492,6 +519,10 @@ mod tests {
         response(&mut out, 404, connection_header(false).as_bytes(), "text/plain", b"no");
         assert_eq!(out, b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nno");
         let tail = message_tail(MsgId { time: 0, tag: 1 }, &time::http_date(0), "c", "text/plain", b"hi");
+        assert_eq!(tail.len(), tail.capacity(), "exact size: no shrinking copy into the Box");
+        let big = message_tail(MsgId { time: 0, tag: u32::MAX }, "d", "c", "t", &[b'x'; 12345]);
+        assert!(String::from_utf8_lossy(&big).contains("Etag: 4294967295\r\n"));
+        assert!(String::from_utf8_lossy(&big).contains("Content-Length: 12345\r\n\r\n"));
         assert!(tail.starts_with(b"Last-Modified: Thu, 01 Jan 1970 00:00:00 GMT\r\nEtag: 1\r\n"));
         assert!(tail.ends_with(b"Content-Length: 2\r\n\r\nhi"));
     }

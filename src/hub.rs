@@ -108,6 +108,8 @@ pub struct Session {
 
 #[derive(Default)]
 struct Channel {
+    /// Its name, shared with the hub's map key and the expiry queue (set on first publish).
+    name: Option<Arc<str>>,
     /// Buffered messages, oldest first, ids increasing.
     messages: VecDeque<Arc<Message>>,
     /// Id of the last message ever published here, kept after the buffer empties so ids stay
@@ -328,11 +330,21 @@ impl Hub {
     /// private channel; the copy's `X-Comet-Channel` header names the origin).
     pub fn publish_from(&mut self, name: &str, origin: &str, content_type: &str, body: &[u8], now: u64) -> (Arc<Message>, Waiters) {
         self.expire(now);
-        let key = match self.channels.get_key_value(name) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(name),
+        // One lookup when the channel exists (the common case); the key is kept in the channel
+        // so the expiry queue can share it.
+        if !self.channels.contains_key(name) {
+            let key: Arc<str> = Arc::from(name);
+            self.channels.insert(key.clone(), Channel { name: Some(key), ..Channel::default() });
+        }
+        let Some(ch) = self.channels.get_mut(name) else { unreachable!("inserted above") };
+        let key = match &ch.name {
+            Some(k) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(name);
+                ch.name = Some(k.clone());
+                k
+            }
         };
-        let ch = self.channels.entry(key.clone()).or_default();
         let id = match ch.last_id {
             // Same second, or a clock that stepped back: keep the time, raise the tag.
             Some(last) if last.time >= now => match last.tag.checked_add(1) {
