@@ -13,15 +13,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Which listener a connection came from, and so which protocol it speaks.
+/// Which listener a connection came from, and so which protocol it speaks. (The values index
+/// `Server::open_by_kind`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Long-poll HTTP.
-    Browser,
+    Browser = 0,
     /// RESP control socket.
-    Control,
+    Control = 1,
     /// Admin HTTP.
-    Admin,
+    Admin = 2,
 }
 
 /// The phase of an HTTP connection. Legal moves:

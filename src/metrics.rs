@@ -1,6 +1,6 @@
 //! What the admin listener reports about the daemon: Prometheus metrics (`/metrics`), the status
 //! as JSON (`/status`), and the live snapshot the admin page receives. All read the loop's
-//! counters; none walks every connection or channel except the admin snapshot, which is capped.
+//! counters; none walks every connection or channel (the admin snapshot's lists are capped).
 
 use crate::server::{Server, AUTH_BUCKETS};
 use std::fmt::Write;
@@ -76,16 +76,7 @@ impl Server {
 
     /// `/metrics`: Prometheus text format.
     pub fn metrics_text(&self) -> String {
-        let mut browsers = 0;
-        let mut backends = 0;
-        let mut admins = 0;
-        for (_, c) in self.conns.iter() {
-            match c.kind {
-                crate::conn::Kind::Browser => browsers += 1,
-                crate::conn::Kind::Control => backends += 1,
-                crate::conn::Kind::Admin => admins += 1,
-            }
-        }
+        let [browsers, backends, admins] = self.open_by_kind;
         let k = &self.counters;
         let mut o = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {

@@ -181,6 +181,9 @@ pub struct Server {
     pub conns: Slab<Conn>,
     /// Counters.
     pub counters: Counters,
+    /// Open connections by kind (browser, control, admin), kept as they open and close so
+    /// `INFO` and `/metrics` do not walk every connection.
+    pub open_by_kind: [usize; 3],
     /// Unix seconds at the start of this turn (the hub's clock).
     pub now_secs: u64,
     /// Monotonic time at the start of this turn (the timers' clock).
@@ -339,6 +342,7 @@ impl Server {
             auth_cfg,
             conns: Slab::with_capacity(1024),
             counters: Counters::default(),
+            open_by_kind: [0; 3],
             now_secs: crate::time::unix_now(),
             now: Instant::now(),
             started: Instant::now(),
@@ -447,6 +451,7 @@ impl Server {
         for t in std::mem::take(&mut self.dead) {
             if self.conns.get(t).is_some_and(|c| c.dead) {
                 let mut c = self.conns.remove(t);
+                self.open_by_kind[c.kind as usize] -= 1;
                 if let Phase::Held(h) = &c.phase {
                     self.hub.cancel(&h.channel, h.id);
                     self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
@@ -546,7 +551,7 @@ impl Server {
     /// Sends the store batch to a worker when it is due: at once with `always` (a publisher is
     /// waiting) or during shutdown, else at most once a second.
     fn submit_store(&mut self) {
-        let Some((path, fsync)) = self.cfg.store.clone() else { return };
+        let Some(fsync) = self.cfg.store.as_ref().map(|s| s.1) else { return };
         for (ch, upto) in self.hub.drops.drain(..) {
             if !ch.starts_with('@') {
                 self.store_batch.push(crate::store::Op::Drop { channel: ch.to_string(), upto });
@@ -563,6 +568,7 @@ impl Server {
             warn!("worker queue full: the store batch waits for the next turn");
             return;
         }
+        let Some(path) = self.cfg.store.as_ref().map(|s| s.0.clone()) else { return };
         let batch = std::mem::take(&mut self.store_batch);
         let upto = self.store_seq;
         let task: worker::Task = Box::new(move |res| {
@@ -791,6 +797,7 @@ impl Server {
             warn!("cannot register connection from {peer}: {e}");
             return;
         }
+        self.open_by_kind[kind as usize] += 1;
         entry.insert(Conn {
             id,
             kind,
@@ -1473,16 +1480,7 @@ impl Server {
 
     /// The `INFO` text (RESP `INFO`, admin `/status`).
     pub fn info_text(&self) -> String {
-        let mut browsers = 0;
-        let mut backends = 0;
-        let mut admins = 0;
-        for (_, c) in self.conns.iter() {
-            match c.kind {
-                Kind::Browser => browsers += 1,
-                Kind::Control => backends += 1,
-                Kind::Admin => admins += 1,
-            }
-        }
+        let [browsers, backends, admins] = self.open_by_kind;
         let s = &self.hub.stats;
         format!(
             "# Server\r\ncomet_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\nbrowser_listen:{}\r\ncontrol_listen:{}\r\nadmin_listen:{}\r\n\

@@ -19,6 +19,7 @@
 //! runs them with large counts. Each test prints how many inputs it ran; a violated property
 //! fails the test with the first (shortest seen) input for each property.
 
+use crate::common::Rng;
 use comet::http::{self, Request};
 use comet::hub::MsgId;
 use comet::resp::{self, Limits};
@@ -29,40 +30,6 @@ use std::time::{Duration, Instant};
 // ---------------------------------------------------------------------------------------------
 // Generator plumbing
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64*: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-    /// True with probability 1/n.
-    fn one_in(&mut self, n: usize) -> bool {
-        self.below(n) == 0
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[self.below(xs.len())]
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// How long each generator runs: a count, or a time budget.
 struct Budget {
@@ -510,14 +477,9 @@ fn fuzz_http_cursor() {
 // RESP
 // ---------------------------------------------------------------------------------------------
 
+/// A command as RESP (the harness's encoder takes slices).
 fn encode(args: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    crate::common::encode(&args.iter().map(Vec::as_slice).collect::<Vec<_>>())
 }
 
 const RESP_SEEDS: &[&[u8]] = &[

@@ -77,31 +77,6 @@ fn info_num(d: &Daemon, key: &str) -> u64 {
     d.info().get(key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("INFO lacks a number for {key}"))
 }
 
-/// xorshift64*, as in `fuzz.rs`.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-        r.next();
-        r
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// The base config of this module: less logging (the floods would make megabytes of debug lines;
 /// `info` still prints the `ready` line the harness waits for).
 fn base() -> Config {
