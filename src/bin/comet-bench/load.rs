@@ -175,6 +175,10 @@ struct Load<'a> {
     opened: u64,
     delivered: Arc<AtomicU64>,
     plain: bool,
+    /// Subscribers whose answer came in this batch of events: their next poll is sent after the
+    /// whole batch is read, so a fan-out's later answers are timed when they arrive, not after
+    /// the load generator's own writes for the earlier ones.
+    resend: Vec<usize>,
 }
 
 fn ms(d: Duration) -> String {
@@ -402,13 +406,20 @@ impl<'a> Load<'a> {
                 return;
             }
             if s.state == State::Ready {
-                self.send(i);
+                self.resend.push(i);
+                break;
             }
         }
         if eof {
             let s = &self.subs[i];
+            let resend = s.state == State::Ready && self.resend.last() == Some(&i);
             match s.state {
+                // Closed with the next poll still to send: that poll goes on a new connection.
                 State::Polling => self.reconnect(i),
+                State::Ready if resend => {
+                    self.resend.pop();
+                    self.reconnect(i);
+                }
                 State::Failed => {}
                 _ => {
                     // Closed while idle (plain mode, done): nothing lost.
@@ -534,6 +545,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
         opened: 0,
         delivered: Arc::new(AtomicU64::new(0)),
         plain,
+        resend: Vec::new(),
     };
     let mut out = Outcome { expected: n as u64 * plan.messages as u64 * plan.rounds as u64, ..Outcome::default() };
     if plain {
@@ -562,6 +574,11 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
         load.poll.poll(&mut events, Some(Duration::from_millis(5)))?;
         for ev in events.iter() {
             load.event(ev.token().0, ev);
+        }
+        for i in std::mem::take(&mut load.resend) {
+            if load.subs[i].state == State::Ready {
+                load.send(i);
+            }
         }
         let now = Instant::now();
         if now >= deadline {
