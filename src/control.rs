@@ -59,17 +59,31 @@ impl Server {
         let limits = resp::Limits { max_bulk: self.cfg.limits.max_message_bytes, max_args: MAX_ARGS, max_inline: MAX_INLINE };
         let out_pause = self.cfg.limits.max_output_bytes / 2;
         let mut pos = 0;
+        // The argument ranges of each command; kept by the loop so parsing allocates nothing.
+        let mut spans = std::mem::take(&mut self.resp_spans);
         loop {
-            let Some(c) = self.conns.get_mut(t) else { return };
+            let Some(c) = self.conns.get_mut(t) else { break };
             if c.dead || c.close_after_write || c.store_wait || c.out.len() > out_pause {
                 break;
             }
-            match resp::parse(&c.inbuf[pos..], &limits) {
+            match resp::parse_frame(&c.inbuf[pos..], &limits, &mut spans) {
                 Ok(None) => break,
-                Ok(Some((args, n))) => {
+                Ok(Some((frame, n))) => {
+                    // The command reads its arguments in place: the input buffer is lent to it
+                    // (nothing a command does touches its own connection's input).
+                    let inbuf = std::mem::take(&mut c.inbuf);
+                    let bytes = &inbuf[pos..pos + n];
                     pos += n;
-                    if !args.is_empty() {
-                        self.command(t, args);
+                    match frame {
+                        resp::Frame::Bulks if !spans.is_empty() => resp::with_args(bytes, &spans, |args| self.command(t, args)),
+                        resp::Frame::Inline(owned) if !owned.is_empty() => {
+                            let args: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
+                            self.command(t, &args);
+                        }
+                        _ => {}
+                    }
+                    if let Some(c) = self.conns.get_mut(t) {
+                        c.inbuf = inbuf;
                     }
                 }
                 Err(e) => {
@@ -81,13 +95,14 @@ impl Server {
                 }
             }
         }
+        self.resp_spans = spans;
         if let Some(c) = self.conns.get_mut(t) {
             c.inbuf.drain(..pos);
         }
         self.flush(t);
     }
 
-    fn command(&mut self, t: usize, args: Vec<Vec<u8>>) {
+    fn command(&mut self, t: usize, args: &[&[u8]]) {
         // The command name, upper-cased on the stack: no allocation per command on the publish
         // path. Names longer than any command fall through to "unknown command".
         let mut upper_buf = [0u8; 16];
@@ -132,10 +147,10 @@ impl Server {
             match upper {
                 "PING" => match argc {
                     1 => Reply::Simple("PONG"),
-                    2 => Reply::Bulk(args[1].clone()),
+                    2 => Reply::Bulk(args[1].to_vec()),
                     _ => arity(&name()),
                 },
-                "ECHO" if argc == 2 => Reply::Bulk(args[1].clone()),
+                "ECHO" if argc == 2 => Reply::Bulk(args[1].to_vec()),
                 "QUIT" => {
                     self.conns[t].close_after_write = true;
                     Reply::Simple("OK")
@@ -220,7 +235,7 @@ impl Server {
         });
     }
 
-    fn auth(&mut self, t: usize, args: &[Vec<u8>]) -> Reply {
+    fn auth(&mut self, t: usize, args: &[&[u8]]) -> Reply {
         if self.cfg.tokens.is_empty() {
             return Reply::Simple("OK");
         }
@@ -263,7 +278,7 @@ impl Server {
 
     /// `SUBSCRIBE ch [ch ...]`: this backend receives what is published on those channels, and
     /// presence events on `__presence__`. One confirmation per channel, as Redis.
-    fn subscribe(&mut self, t: usize, chans: &[Vec<u8>]) -> Reply {
+    fn subscribe(&mut self, t: usize, chans: &[&[u8]]) -> Reply {
         let mut o = Vec::new();
         for ch in chans {
             let name = String::from_utf8_lossy(ch).into_owned();
@@ -280,7 +295,7 @@ impl Server {
     }
 
     /// `UNSUBSCRIBE [ch ...]` (none: all).
-    fn unsubscribe(&mut self, t: usize, chans: &[Vec<u8>]) -> Reply {
+    fn unsubscribe(&mut self, t: usize, chans: &[&[u8]]) -> Reply {
         let names: Vec<Box<str>> = if chans.is_empty() {
             self.conns[t].subs.iter().cloned().collect()
         } else {
@@ -311,7 +326,7 @@ impl Server {
 
     /// `PUBSUB CHANNELS [pattern]`, `PUBSUB NUMSUB [ch ...]`, `PUBSUB NUMPAT`: channels with
     /// subscribers (browsers on them, anonymous held polls, subscribed backends) and their counts.
-    fn pubsub(&mut self, args: &[Vec<u8>]) -> Reply {
+    fn pubsub(&mut self, args: &[&[u8]]) -> Reply {
         let sub = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
         let numsub = |s: &Server, ch: &str| s.presence.numsub(ch) + s.backend_subs.get(ch).map_or(0, |b| b.len());
         match (sub.as_str(), args.len()) {
@@ -389,7 +404,7 @@ impl Server {
 
     /// `AUTH.FLUSH` (everything), `AUTH.FLUSH SESSION <sid>`, `AUTH.FLUSH CHANNEL <channel>`:
     /// forget cached access verdicts, e.g. after the application changed a user's rights.
-    fn auth_flush(&mut self, args: &[Vec<u8>]) -> Reply {
+    fn auth_flush(&mut self, args: &[&[u8]]) -> Reply {
         let what = args.first().map(|a| String::from_utf8_lossy(a).to_ascii_uppercase());
         let arg = args.get(1).map(|a| String::from_utf8_lossy(a).into_owned());
         // Checks in flight were asked before this flush: their answers will not be cached.
@@ -405,7 +420,7 @@ impl Server {
 
     /// `SIGN <channel> [sid] [ttl-secs]`: the query string (`key=...&expires=...`) that lets a
     /// page read `channel` (as session `sid`, or any session when empty) for `ttl` seconds.
-    fn sign(&mut self, args: &[Vec<u8>]) -> Reply {
+    fn sign(&mut self, args: &[&[u8]]) -> Reply {
         let secret = &self.auth_cfg.key_secret;
         if secret.is_empty() {
             return Reply::Error("ERR signed keys are off: set [auth] key_secret".into());
@@ -425,7 +440,7 @@ impl Server {
         Reply::Bulk(format!("key={key}&expires={expires}").into_bytes())
     }
 
-    fn client(&mut self, t: usize, args: &[Vec<u8>]) -> Reply {
+    fn client(&mut self, t: usize, args: &[&[u8]]) -> Reply {
         let sub = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
         let c = &mut self.conns[t];
         match (sub.as_str(), args.len()) {

@@ -121,6 +121,9 @@ struct Channel {
     last_requested: Option<u64>,
     /// Id of the newest message dropped from the buffer (length or age limit).
     dropped: Option<MsgId>,
+    /// Expiry time of its newest entry in the expiry queue: a channel queues one entry per
+    /// second it publishes in, not one per message.
+    expiry_queued: u64,
 }
 
 impl Channel {
@@ -283,7 +286,9 @@ impl Hub {
             self.buffered -= 1;
         }
         // Expiry runs from the message's own time, not from the restart.
-        self.expiry.push_back((id.time.saturating_add(self.ttl), key));
+        let at = id.time.saturating_add(self.ttl);
+        ch.expiry_queued = ch.expiry_queued.max(at);
+        self.expiry.push_back((at, key));
     }
 
     /// Restores what a channel had dropped before a restart (for the skipped-messages header).
@@ -337,14 +342,6 @@ impl Hub {
             self.channels.insert(key.clone(), Channel { name: Some(key), ..Channel::default() });
         }
         let Some(ch) = self.channels.get_mut(name) else { unreachable!("inserted above") };
-        let key = match &ch.name {
-            Some(k) => k.clone(),
-            None => {
-                let k: Arc<str> = Arc::from(name);
-                ch.name = Some(k.clone());
-                k
-            }
-        };
         let id = match ch.last_id {
             // Same second, or a clock that stepped back: keep the time, raise the tag.
             Some(last) if last.time >= now => match last.tag.checked_add(1) {
@@ -368,15 +365,23 @@ impl Hub {
             if let Some(old) = ch.messages.pop_front() {
                 ch.dropped = Some(old.id);
                 if self.track_drops {
-                    self.drops.push((key.clone(), old.id));
+                    let key = ch.name.get_or_insert_with(|| Arc::from(name)).clone();
+                    self.drops.push((key, old.id));
                 }
             }
             self.buffered -= 1;
         }
         let waiters = std::mem::take(&mut ch.waiters);
-        self.expiry.push_back((now.saturating_add(self.ttl), key));
-        if self.expiry.len() > 2 * self.buffered + 1024 {
-            self.compact_expiry();
+        // Messages of one second expire together: one queue entry covers them all, and a busy
+        // channel costs the queue one entry a second instead of one per message.
+        let at = now.saturating_add(self.ttl);
+        if at > ch.expiry_queued {
+            ch.expiry_queued = at;
+            let key = ch.name.get_or_insert_with(|| Arc::from(name)).clone();
+            self.expiry.push_back((at, key));
+            if self.expiry.len() > 2 * self.buffered + 1024 {
+                self.compact_expiry();
+            }
         }
         self.held -= waiters.len();
         self.stats.published += 1;
@@ -653,6 +658,27 @@ mod tests {
         }
         assert!(hub.expiry.len() <= 2 * hub.buffered_count() + 1025);
         hub.expire(100 + 100 + 60);
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[test]
+    fn one_expiry_entry_per_channel_second() {
+        let mut hub = Hub::new(100, 60);
+        for _ in 0..50 {
+            hub.publish("c", "t", b"x", 100);
+        }
+        hub.publish("c", "t", b"y", 101);
+        hub.publish("d", "t", b"z", 101);
+        assert_eq!(hub.expiry.len(), 3);
+        // The single entry of second 100 takes all fifty of its messages, and only them.
+        hub.expire(160);
+        assert_eq!(hub.info("c", 160).unwrap().messages, 1);
+        assert_eq!(hub.buffered_count(), 2);
+        hub.expire(161);
+        assert_eq!((hub.channel_count(), hub.buffered_count(), hub.expiry.len()), (0, 0, 0));
+        // A channel made anew queues its own entry, even in the second the old one had.
+        hub.publish("c", "t", b"w", 161);
+        hub.expire(221);
         assert_eq!(hub.channel_count(), 0);
     }
 

@@ -9,6 +9,7 @@
 //! `sdssplitargs` (src/sds.c), with the peer held to the caps in [`Limits`].
 
 use std::fmt;
+use std::ops::Range;
 
 /// Caps a peer cannot exceed; a frame over a cap is a protocol error (the loop replies -ERR and closes that connection).
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +52,7 @@ const TOO_BIG_INLINE: &str = "Protocol error: too big inline request";
 const UNBALANCED: &str = "Protocol error: unbalanced quotes in request";
 const TOO_MANY_INLINE: &str = "Protocol error: too many arguments in inline request";
 
-/// What [`parse`] yields; named to keep the private helpers' signatures short.
+/// What [`parse`] and the inline parser yield; named to keep signatures short.
 type Parsed = Result<Option<(Vec<Vec<u8>>, usize)>, RespError>;
 
 /// Longest `*<n>` / `$<n>` line we wait for, type byte included, CRLF excluded.
@@ -59,9 +60,23 @@ type Parsed = Result<Option<(Vec<Vec<u8>>, usize)>, RespError>;
 /// garbage or a peer trying to make us buffer forever.
 const MAX_HEADER_LINE: usize = 32;
 
-/// Parses one command from the start of `buf`.
-/// Ok(None): incomplete, wait for more bytes. MUST NOT allocate in that case (scan first, allocate only once the whole frame is known to be present).
-/// Ok(Some((args, consumed))): one command; `consumed` bytes to drop from the buffer. `args` may be empty (an empty inline line, or `*0\r\n`, or `*-1\r\n`): the caller skips it.
+/// One command found by [`parse_frame`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A multibulk command: its arguments are the ranges left in the caller's vector, relative
+    /// to the start of the buffer given (no payload is copied).
+    Bulks,
+    /// An inline command: quotes and escapes are undone, so the arguments are new bytes.
+    Inline(Vec<Vec<u8>>),
+}
+
+/// Parses one command from the start of `buf`, without copying a multibulk command's
+/// arguments: their ranges are put in `spans` (cleared first), a vector the caller keeps from
+/// command to command, so the publish path makes no allocation to parse.
+/// Ok(None): incomplete, wait for more bytes; nothing grows with the peer's bytes meanwhile
+/// (`spans` holds at most `limits.max_args` ranges).
+/// Ok(Some((frame, consumed))): one command; `consumed` bytes to drop from the buffer. It may
+/// have no argument (an empty inline line, or `*0\r\n`, or `*-1\r\n`): the caller skips it.
 /// Err(e): the stream is broken; the caller sends `-ERR <e.message()>` and closes.
 ///
 /// # Errors
@@ -69,48 +84,80 @@ const MAX_HEADER_LINE: usize = 32;
 /// Any frame that breaks RESP2 or exceeds `limits`. The error is final: the
 /// same bytes followed by anything else give the same error, so there is no
 /// point in reading more.
-// Spelled out rather than `Parsed` so the contract reads without a lookup.
-#[allow(clippy::type_complexity)]
-pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Vec<Vec<u8>>, usize)>, RespError> {
+pub fn parse_frame(buf: &[u8], limits: &Limits, spans: &mut Vec<Range<usize>>) -> Result<Option<(Frame, usize)>, RespError> {
+    spans.clear();
     match buf.first() {
         None => Ok(None),
-        Some(b'*') => parse_multibulk(buf, limits),
-        Some(_) => parse_inline(buf, limits),
+        Some(b'*') => parse_multibulk(buf, limits, spans),
+        Some(_) => Ok(parse_inline(buf, limits)?.map(|(args, n)| (Frame::Inline(args), n))),
     }
 }
 
-fn parse_multibulk(buf: &[u8], limits: &Limits) -> Parsed {
+/// [`parse_frame`] with the arguments copied out: for tests and tools, where an allocation per
+/// argument does not matter.
+///
+/// # Errors
+///
+/// As [`parse_frame`].
+// Spelled out rather than `Parsed` so the contract reads without a lookup.
+#[allow(clippy::type_complexity)]
+pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Vec<Vec<u8>>, usize)>, RespError> {
+    let mut spans = Vec::new();
+    Ok(parse_frame(buf, limits, &mut spans)?.map(|(frame, n)| match frame {
+        Frame::Bulks => (spans.iter().map(|s| buf[s.clone()].to_vec()).collect(), n),
+        Frame::Inline(args) => (args, n),
+    }))
+}
+
+/// Calls `f` with the arguments of a [`Frame::Bulks`] command as slices of `frame` (the buffer
+/// given to [`parse_frame`]). Up to eight arguments live on the stack: no allocation for any
+/// command but the rare long ones.
+pub fn with_args<R>(frame: &[u8], spans: &[Range<usize>], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+    const SMALL: usize = 8;
+    if spans.len() <= SMALL {
+        let mut small: [&[u8]; SMALL] = [&[]; SMALL];
+        for (a, s) in small.iter_mut().zip(spans) {
+            *a = &frame[s.clone()];
+        }
+        f(&small[..spans.len()])
+    } else {
+        let all: Vec<&[u8]> = spans.iter().map(|s| &frame[s.clone()]).collect();
+        f(&all)
+    }
+}
+
+fn parse_multibulk(buf: &[u8], limits: &Limits, spans: &mut Vec<Range<usize>>) -> Result<Option<(Frame, usize)>, RespError> {
     let Some((count, body)) = header(buf, 0, TOO_BIG_MBULK, INVALID_MBULK)? else {
         return Ok(None);
     };
     // Redis treats every non-positive count (`*-1` is a null array) as a
     // no-op command rather than an error.
     if count <= 0 {
-        return Ok(Some((Vec::new(), body)));
+        return Ok(Some((Frame::Bulks, body)));
     }
     let n = usize::try_from(count).map_err(|_| RespError(INVALID_MBULK))?;
     if n > limits.max_args {
         return Err(RespError(INVALID_MBULK));
     }
-    // Two walks over the same bytes: the first proves the whole frame is here
-    // without allocating, so a slow or hostile peer feeding a frame byte by
-    // byte costs no memory until it is complete.
-    if walk_bulks(buf, body, n, limits, |_| {})?.is_none() {
-        return Ok(None);
+    // One walk: the ranges are only kept if the whole frame turns out to be here, so a slow
+    // or hostile peer feeding a frame byte by byte costs no memory until it is complete.
+    match walk_bulks(buf, body, n, limits, |payload| spans.push(payload))? {
+        Some(end) => Ok(Some((Frame::Bulks, end))),
+        None => {
+            spans.clear();
+            Ok(None)
+        }
     }
-    let mut args = Vec::with_capacity(n);
-    let end = walk_bulks(buf, body, n, limits, |payload| args.push(payload.to_vec()))?;
-    Ok(end.map(|end| (args, end)))
 }
 
-/// Walks `n` bulk strings starting at `pos`, handing each payload to `each`.
+/// Walks `n` bulk strings starting at `pos`, handing each payload's range to `each`.
 /// Returns the offset just past the last one, or None if the buffer ends first.
 fn walk_bulks(
     buf: &[u8],
     mut pos: usize,
     n: usize,
     limits: &Limits,
-    mut each: impl FnMut(&[u8]),
+    mut each: impl FnMut(Range<usize>),
 ) -> Result<Option<usize>, RespError> {
     for _ in 0..n {
         match bulk_at(buf, pos, limits)? {
@@ -124,12 +171,12 @@ fn walk_bulks(
     Ok(Some(pos))
 }
 
-/// One `$<len>\r\n<payload>\r\n` at `pos`: the payload and the offset after it.
-fn bulk_at<'a>(
-    buf: &'a [u8],
+/// One `$<len>\r\n<payload>\r\n` at `pos`: the payload's range and the offset after it.
+fn bulk_at(
+    buf: &[u8],
     pos: usize,
     limits: &Limits,
-) -> Result<Option<(&'a [u8], usize)>, RespError> {
+) -> Result<Option<(Range<usize>, usize)>, RespError> {
     // Checked before the line is complete so that nested arrays or garbage
     // fail on their first byte instead of after a header's worth of waiting.
     match buf.get(pos) {
@@ -147,9 +194,10 @@ fn bulk_at<'a>(
         return Err(RespError(INVALID_BULK));
     }
     let end = data.checked_add(len).ok_or(RespError(INVALID_BULK))?;
-    let Some(payload) = buf.get(data..end) else {
+    if end > buf.len() {
         return Ok(None);
-    };
+    }
+    let payload = data..end;
     // Redis skips these two bytes blindly; checking them catches a client
     // whose length disagrees with its payload before it desynchronises
     // every later command.

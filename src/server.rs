@@ -159,6 +159,8 @@ pub struct Server {
     /// The multipart boundary: random per daemon run, so a message body cannot contain it by
     /// accident, and the same for every batch, so message tails are shared as they are.
     boundary: String,
+    /// The argument ranges of the control command being parsed (see `resp::parse_frame`).
+    pub(crate) resp_spans: Vec<std::ops::Range<usize>>,
     /// Store operations waiting for the next batch.
     store_batch: Vec<crate::store::Op>,
     /// A store batch is being written.
@@ -332,6 +334,7 @@ impl Server {
             date: String::new(),
             date_secs: 0,
             boundary: make_boundary(),
+            resp_spans: Vec::new(),
             rows_in_flight: false,
             rows_resync: false,
             backend_subs: Default::default(),
