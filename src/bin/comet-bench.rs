@@ -8,7 +8,7 @@
 //! comet-bench.rs        command line, one phase's figures printed
 //! comet-bench/load.rs   the subscribers' loop: connect, poll, check each message, re-poll
 //! comet-bench/publish.rs the publisher thread and the "are they all held?" probe
-//! comet-bench/wire.rs   HTTP responses and RESP replies, message bodies
+//! comet-bench/wire.rs   HTTP responses (and the parts of a batch), RESP replies, message bodies
 //! comet-bench/net.rs    client sockets bound to 127.0.0.x before connecting
 //! comet-bench/procfs.rs server CPU time and RSS from /proc
 //! comet-bench/report.rs the median table over runs (markdown)
@@ -66,7 +66,11 @@ RUN OPTIONS:
     --rate R                    messages per second over all channels; 0 = back to back (0)
     --size BYTES                message size (100)
     --requests N                plain: requests per connection (100)
-    --path PATH                 plain: the path requested (/); subscribers use /sub/<channel>
+    --path PATH                 plain: the path requested (/)
+    --sub-path PATH             subscribers poll PATH<channel> (/sub/; nchan's batched location
+                                in scripts/nchan.conf is /sub-multipart/)
+    --multipart 1|0             polls send `Accept: multipart/mixed`, so a subscriber behind by
+                                several messages may get them in one answer (0)
     --sources N                 spread sockets over 127.0.0.1..N source addresses (1)
     --window N                  connects in flight at once (100)
     --connect-rate N            connects started per second at most (0: no limit)
@@ -170,7 +174,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let o = Opts::parse(args)?;
     let known = [
         "target", "http", "control", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
-        "size", "requests", "path", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
+        "size", "requests", "path", "sub-path", "multipart", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
     ];
     if let Some(k) = o.0.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown option --{k}"));
@@ -203,10 +207,16 @@ fn run(args: &[String]) -> Result<(), String> {
         "plain" => (None, HeldCheck::Settle(Duration::ZERO), Some(o.num("requests", 100u32)?)),
         t => return Err(format!("--target: {t:?} is not comet, nchan or plain")),
     };
+    let multipart = match o.str("multipart") {
+        None | Some("0") => false,
+        Some("1") => true,
+        Some(v) => return Err(format!("--multipart: {v:?} is not 1 or 0")),
+    };
     let default_prefix = format!("b{}-{}-", std::process::id(), publish::now_ns() / 1_000_000 % 100_000_000);
     let plan = Plan {
         http,
-        sub_path: if plain.is_some() { o.str("path").unwrap_or("/").to_string() } else { "/sub/".into() },
+        sub_path: if plain.is_some() { o.str("path").unwrap_or("/") } else { o.str("sub-path").unwrap_or("/sub/") }.to_string(),
+        multipart,
         held,
         publisher,
         server_pid: o.0.get("server-pid").map(|p| p.parse().map_err(|_| "--server-pid: not a pid".to_string())).transpose()?,
@@ -289,6 +299,10 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
         put("size", plan.size.to_string());
         put("expected", out.expected.to_string());
         put("delivered", tally.unique.to_string());
+        put("responses", tally.responses.to_string());
+        if tally.responses > 0 {
+            put("messages_per_response", format!("{:.2}", tally.unique as f64 / tally.responses as f64));
+        }
         put("lost", out.expected.saturating_sub(tally.unique).to_string());
         put("dup", tally.dups.to_string());
         put("gaps", tally.gaps.to_string());

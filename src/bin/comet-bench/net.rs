@@ -4,9 +4,9 @@
 //! 127.0.0.x source addresses: bound before connecting, with `IP_BIND_ADDRESS_NO_PORT` so the
 //! port is still picked at connect time (per 4-tuple, not per address).
 //!
-//! std and mio cannot bind before connecting, and the crate has no socket2/libc dependency, so
-//! this file calls the four libc functions it needs directly (Linux only, as the whole bench is:
-//! it reads /proc). Everything else stays in safe std/mio types.
+//! std and mio cannot bind before connecting, so this file calls the four C functions it needs
+//! directly (Linux only, as the whole bench is: it reads /proc). Everything else stays in safe
+//! std/mio types.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -179,14 +179,23 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
         loss_rows(&mut t, &r, sc, runs(&r, sc));
     }
 
-    // 3. Burst fan-out.
-    let sc = "burst";
-    if r.any(sc) {
+    // 3. Burst fan-out, and 3b. the same with batched answers.
+    for (sc, title) in [
+        ("burst", "3. Burst fan-out"),
+        ("burst-batched", "3b. Burst fan-out, batched (`Accept: multipart/mixed`; nchan: `nchan_longpoll_multipart_response on`)"),
+    ] {
+        if !r.any(sc) {
+            continue;
+        }
         t.section(&format!(
-            "3. Burst fan-out: {} subscribers on one channel, {} messages back to back",
+            "{title}: {} subscribers on one channel, {} messages back to back",
             size(&r, sc, "subs"),
             size(&r, sc, "messages")
         ));
+        if sc == "burst-batched" {
+            let (c, o) = both(&r, sc, "messages_per_response", Agg::Median);
+            t.row("messages per response", c, o);
+        }
         let (c, o) = both(&r, sc, "deliveries_per_s", Agg::Median);
         t.row("deliveries per second (wall clock; the load generator may be the limit)", c, o);
         let (c, o) = both(&r, sc, "cpu_us_per_delivery", Agg::Median);
@@ -242,7 +251,7 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
         t.text_row("requests per second", "—", &num(r.get(sc, "nginx", "requests_per_s", Agg::Median)), "—");
         t.text_row("server CPU µs per request", "—", &num(base), "—");
         t.text_row("load generator CPU, % of its core", "—", &num(r.get(sc, "nginx", "loadgen_cpu_pct", Agg::Median)), "—");
-        for (sc, what) in [("burst", "burst"), ("channels", "many channels")] {
+        for (sc, what) in [("burst", "burst"), ("burst-batched", "burst, batched"), ("channels", "many channels")] {
             let (c, o) = both(&r, sc, "cpu_us_per_delivery", Agg::Median);
             let div = |v: Option<f64>| match (v, base) {
                 (Some(v), Some(b)) if b > 0.0 => Some(v / b),
