@@ -105,6 +105,9 @@ impl Chunk {
     }
 }
 
+/// Most chunks handed to one `writev` (Linux takes up to 1024).
+const MAX_IOVECS: usize = 64;
+
 /// Pending output: chunks in order, and how much of the first one is already written.
 #[derive(Default)]
 pub struct OutQueue {
@@ -148,9 +151,11 @@ impl OutQueue {
     /// Writes as much as the socket takes. Ok(true) when the queue is empty.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
         while self.len > 0 {
-            let mut slices = [IoSlice::new(&[]); 16];
+            // Each `writev` is a trip through the whole TCP stack: take as many chunks as a
+            // batch of large shared parts can have.
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
-            for (i, c) in self.chunks.iter().take(16).enumerate() {
+            for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
                 let b = c.bytes();
                 slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
                 n = i + 1;
