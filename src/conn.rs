@@ -151,16 +151,10 @@ impl OutQueue {
     /// Writes as much as the socket takes. Ok(true) when the queue is empty.
     pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
         while self.len > 0 {
-            // Each `writev` is a trip through the whole TCP stack: take as many chunks as a
-            // batch of large shared parts can have.
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut n = 0;
-            for (i, c) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
-                let b = c.bytes();
-                slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
-                n = i + 1;
-            }
-            match w.write_vectored(&slices[..n]) {
+            // An answer is a few chunks: gather them on a small array, and only a long queue
+            // (a batch of large shared parts, pipelined replies) on the large one.
+            let result = if self.chunks.len() <= 4 { self.write_some::<4>(w) } else { self.write_some::<MAX_IOVECS>(w) };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
                     self.len -= written;
@@ -185,6 +179,19 @@ impl OutQueue {
         self.chunks.clear();
         self.offset = 0;
         Ok(true)
+    }
+
+    /// One `writev` of the first `N` chunks at most. Each `writev` is a trip through the whole
+    /// TCP stack, so it takes as many chunks as there are, up to `N`.
+    fn write_some<const N: usize>(&self, w: &mut impl Write) -> io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); N];
+        let mut n = 0;
+        for (i, c) in self.chunks.iter().take(N).enumerate() {
+            let b = c.bytes();
+            slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
+            n = i + 1;
+        }
+        w.write_vectored(&slices[..n])
     }
 }
 
@@ -233,4 +240,84 @@ pub struct Conn {
     pub dead: bool,
     /// When the connection was accepted.
     pub since: Instant,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that takes at most `per_call` bytes per write, then says WouldBlock once every
+    /// `block_every` calls, and records how many slices each `writev` got.
+    struct Sink {
+        got: Vec<u8>,
+        per_call: usize,
+        block_every: usize,
+        calls: usize,
+        slices: Vec<usize>,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(b)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.block_every > 0 && self.calls % self.block_every == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.slices.push(bufs.len());
+            let mut left = self.per_call;
+            for b in bufs {
+                let n = b.len().min(left);
+                self.got.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            Ok(self.per_call - left)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn chunks_come_out_in_order_across_partial_writes() {
+        let msg = Arc::new(Message { id: MsgId { time: 1, tag: 0 }, http_tail: b"tail-bytes".to_vec().into_boxed_slice(), body_len: 4 });
+        let shared: Arc<[u8]> = Arc::from(&b"shared"[..]);
+        for chunks in [1usize, 3, 4, 5, 63, 64, 65, 200] {
+            for (per_call, block_every) in [(usize::MAX, 0), (1, 0), (7, 3), (1000, 2)] {
+                let mut q = OutQueue::default();
+                let mut want = Vec::new();
+                for i in 0..chunks {
+                    match i % 3 {
+                        0 => {
+                            q.append(|o| o.extend_from_slice(format!("own{i};").as_bytes()));
+                            want.extend_from_slice(format!("own{i};").as_bytes());
+                        }
+                        1 => {
+                            q.push(Chunk::Shared(shared.clone()));
+                            want.extend_from_slice(&shared);
+                        }
+                        _ => {
+                            q.push(Chunk::Msg(msg.clone()));
+                            want.extend_from_slice(&msg.http_tail);
+                        }
+                    }
+                }
+                assert_eq!(q.len(), want.len());
+                let mut sink = Sink { got: Vec::new(), per_call, block_every, calls: 0, slices: Vec::new() };
+                let mut rounds = 0;
+                while !q.flush(&mut sink).unwrap() {
+                    rounds += 1;
+                    assert!(rounds < 100_000, "no progress");
+                }
+                assert_eq!(sink.got, want, "{chunks} chunks, {per_call} bytes per call");
+                assert!(q.is_empty());
+                assert!(sink.slices.iter().all(|&n| (1..=MAX_IOVECS).contains(&n)));
+                if per_call == usize::MAX && block_every == 0 {
+                    // Everything the socket takes goes in as few writev calls as the cap allows.
+                    assert_eq!(sink.slices.len(), chunks.div_ceil(MAX_IOVECS).max(1), "{chunks} chunks");
+                }
+            }
+        }
+    }
 }

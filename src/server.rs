@@ -164,6 +164,8 @@ pub struct Server {
     boundary: String,
     /// The argument ranges of the control command being parsed (see `resp::parse_frame`).
     pub(crate) resp_spans: Vec<std::ops::Range<usize>>,
+    /// Holds a publish answered, waiting for their presence bookkeeping (kept for its memory).
+    ended_holds: Vec<Box<Hold>>,
     /// Store operations waiting for the next batch.
     store_batch: Vec<crate::store::Op>,
     /// A store batch is being written.
@@ -338,6 +340,7 @@ impl Server {
             date_secs: 0,
             boundary: make_boundary(),
             resp_spans: Vec::new(),
+            ended_holds: Vec::new(),
             rows_in_flight: false,
             rows_resync: false,
             backend_subs: Default::default(),
@@ -1210,16 +1213,20 @@ impl Server {
 
     /// Takes the held poll of connection `t` if it is still hold `id`.
     fn take_hold(&mut self, t: usize, id: u64) -> Option<Box<Hold>> {
+        let h = self.detach_hold(t, id)?;
+        self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+        Some(h)
+    }
+
+    /// `take_hold` without the presence bookkeeping, which the caller owes.
+    fn detach_hold(&mut self, t: usize, id: u64) -> Option<Box<Hold>> {
         let c = self.conns.get_mut(t)?;
         match &c.phase {
             Phase::Held(h) if h.id == id && !c.dead => {}
             _ => return None,
         }
         match std::mem::replace(&mut c.phase, Phase::Idle) {
-            Phase::Held(h) => {
-                self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
-                Some(h)
-            }
+            Phase::Held(h) => Some(h),
             _ => None,
         }
     }
@@ -1258,13 +1265,20 @@ impl Server {
             });
             self.store_seq += 1;
         }
-        let mut n = 0;
+        // The answers go out first; the presence bookkeeping (and freeing the holds) waits until
+        // the last one is written, so the thousandth subscriber does not wait on it.
+        let mut ended = std::mem::take(&mut self.ended_holds);
         for (id, t) in waiters {
-            if let Some(h) = self.take_hold(t, id) {
+            if let Some(h) = self.detach_hold(t, id) {
                 self.answer_message(t, &h.lines, msg.clone(), h.keep_alive);
-                n += 1;
+                ended.push(h);
             }
         }
+        let n = ended.len();
+        for h in ended.drain(..) {
+            self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+        }
+        self.ended_holds = ended;
         debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len);
         n
     }
