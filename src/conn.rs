@@ -139,7 +139,8 @@ impl OutQueue {
     /// back to back coalesce into one buffer), else into a new one.
     pub fn append(&mut self, f: impl FnOnce(&mut Vec<u8>)) {
         if !matches!(self.chunks.back(), Some(Chunk::Own(_))) {
-            self.chunks.push_back(Chunk::Own(Vec::new()));
+            // Room for a response head or a few replies: one allocation, no regrowth.
+            self.chunks.push_back(Chunk::Own(Vec::with_capacity(128)));
         }
         if let Some(Chunk::Own(v)) = self.chunks.back_mut() {
             let before = v.len();

@@ -233,6 +233,10 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
 
 /// The value of query argument `key`: None when absent, Some(None) when badly encoded.
 pub fn query_arg(query: &str, key: &str) -> Option<Option<String>> {
+    if query.is_empty() {
+        // Most polls have no query; this is asked several times per poll.
+        return None;
+    }
     query
         .split('&')
         .filter_map(|kv| {

@@ -159,6 +159,9 @@ pub struct Server {
     /// The cached `Date:` line and the second it was made for.
     date: String,
     date_secs: u64,
+    /// The start of a 200 for this second, closing and keep-alive (`ok_head`): shared by every
+    /// single-message answer, so a delivery allocates nothing.
+    ok_heads: [Arc<[u8]>; 2],
     /// The multipart boundary: random per daemon run, so a message body cannot contain it by
     /// accident, and the same for every batch, so message tails are shared as they are.
     boundary: String,
@@ -338,6 +341,7 @@ impl Server {
             rows_batch: Vec::new(),
             date: String::new(),
             date_secs: 0,
+            ok_heads: [Arc::from(&b""[..]), Arc::from(&b""[..])],
             boundary: make_boundary(),
             resp_spans: Vec::new(),
             ended_holds: Vec::new(),
@@ -1118,8 +1122,7 @@ impl Server {
     fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: Arc<Message>, keep_alive: bool) {
         self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
-        let date = &self.date;
-        c.out.append(|o| ok_head(o, date, keep_alive));
+        c.out.push(Chunk::Shared(self.ok_heads[usize::from(keep_alive)].clone()));
         if !lines.is_empty() {
             c.out.push(Chunk::Shared(lines.clone()));
         }
@@ -1205,9 +1208,14 @@ impl Server {
 
     /// Keeps the `Date:` line current: formatted once per second, not per response.
     fn refresh_date(&mut self) {
-        if self.date_secs != self.now_secs {
+        if self.date_secs != self.now_secs || self.ok_heads[0].is_empty() {
             self.date_secs = self.now_secs;
             self.date = format!("Date: {}\r\n", crate::time::http_date(self.now_secs));
+            self.ok_heads = [false, true].map(|keep_alive| {
+                let mut o = Vec::new();
+                ok_head(&mut o, &self.date, keep_alive);
+                Arc::from(o)
+            });
         }
     }
 

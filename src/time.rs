@@ -2,6 +2,7 @@
 //! `If-Modified-Since`, always GMT, one-second resolution) and the ISO-8601 stamp on log lines.
 //! Pure functions of a Unix time; the loop reads the clock, never this module.
 
+use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -56,7 +57,29 @@ pub fn http_date(secs: u64) -> String {
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only form the daemon sends and
 /// so the only one a client echoes back. The weekday is not checked: the date is the authority.
 pub fn parse_http_date(s: &str) -> Option<u64> {
+    // Every poll carries the Last-Modified of the message it got last, so the loop parses the
+    // same few dates over and over: the last one parsed is remembered.
+    thread_local! {
+        static LAST: Cell<([u8; 32], usize, u64)> = const { Cell::new(([0; 32], 0, 0)) };
+    }
     let s = s.trim();
+    let cacheable = !s.is_empty() && s.len() <= 32;
+    if cacheable {
+        let (bytes, len, secs) = LAST.get();
+        if len == s.len() && &bytes[..len] == s.as_bytes() {
+            return Some(secs);
+        }
+    }
+    let secs = parse_http_date_uncached(s)?;
+    if cacheable {
+        let mut bytes = [0; 32];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        LAST.set((bytes, s.len(), secs));
+    }
+    Some(secs)
+}
+
+fn parse_http_date_uncached(s: &str) -> Option<u64> {
     let (_, rest) = s.split_once(", ")?;
     let mut it = rest.split(' ');
     let day: u32 = it.next()?.parse().ok()?;
@@ -88,6 +111,19 @@ pub fn iso8601(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_date_never_answers_for_another() {
+        let (a, b) = ("Sun, 06 Nov 1994 08:49:37 GMT", "Sun, 06 Nov 1994 08:49:38 GMT");
+        for _ in 0..3 {
+            assert_eq!(parse_http_date(a), Some(784_111_777));
+            assert_eq!(parse_http_date(a), Some(784_111_777));
+            assert_eq!(parse_http_date(b), Some(784_111_778));
+            assert_eq!(parse_http_date(&a[..a.len() - 1]), None);
+            assert_eq!(parse_http_date(""), None);
+            assert_eq!(parse_http_date(&format!(" {a} ")), Some(784_111_777));
+        }
+    }
 
     #[test]
     fn http_dates_round_trip() {
