@@ -73,8 +73,8 @@ pub struct PendingPoll {
 pub struct Hold {
     /// The hold id, also the key of this poll in the channel's waiters. Never reused.
     pub id: u64,
-    /// The channel it waits on.
-    pub channel: Box<str>,
+    /// The channel it waits on (the hub's own name of it, shared).
+    pub channel: Arc<str>,
     /// The session polling ("" when anonymous), for presence.
     pub sid: Box<str>,
     /// The request's cursor, echoed on 408/503.

@@ -79,8 +79,9 @@ pub enum Poll {
     /// A buffered message, at once; `true` when messages after the cursor were dropped from the
     /// buffer before this one (the client missed some).
     Message(Arc<Message>, bool),
-    /// Nothing yet: the poll is now a waiter on the channel.
-    Held,
+    /// Nothing yet: the poll is now a waiter on the channel, whose name is shared here so the
+    /// held poll need not keep a copy.
+    Held(Arc<str>),
 }
 
 /// What `info` reports about a channel.
@@ -222,7 +223,10 @@ impl Hub {
         self.expire(now);
         let ch = match self.channels.get_mut(name) {
             Some(ch) => ch,
-            None => self.channels.entry(Arc::from(name)).or_default(),
+            None => {
+                let key: Arc<str> = Arc::from(name);
+                self.channels.entry(key.clone()).or_insert_with(|| Channel { name: Some(key), ..Channel::default() })
+            }
         };
         ch.last_requested = Some(now);
         let (next, skipped) = match cursor {
@@ -245,7 +249,7 @@ impl Hub {
         }
         ch.waiters.insert(hold, token);
         self.held += 1;
-        Poll::Held
+        Poll::Held(ch.name.get_or_insert_with(|| Arc::from(name)).clone())
     }
 
     /// Tells the hub the second the daemon started (see `poll`).
@@ -564,7 +568,7 @@ mod tests {
     fn got(p: Poll) -> Arc<Message> {
         match p {
             Poll::Message(m, _) => m,
-            Poll::Held => panic!("held, expected a message"),
+            Poll::Held(_) => panic!("held, expected a message"),
         }
     }
 
@@ -582,7 +586,7 @@ mod tests {
                     seen.push((m.id, String::from_utf8(body(&m).to_vec()).unwrap()));
                     cursor = Cursor::After(m.id);
                 }
-                Poll::Held => break,
+                Poll::Held(_) => break,
             }
         }
         let ids: Vec<_> = seen.iter().map(|(id, _)| (id.time, id.tag)).collect();
@@ -609,12 +613,12 @@ mod tests {
         for i in 0..5u8 {
             hub.publish("c", "t", &[b'0' + i], 100 + u64::from(i));
         }
-        assert!(matches!(hub.poll("c", Cursor::Newest, 1, 0, 110), Poll::Held));
+        assert!(matches!(hub.poll("c", Cursor::Newest, 1, 0, 110), Poll::Held(_)));
         hub.cancel("c", 1);
         // Cursor fell out of the buffer: the oldest kept message, not nothing.
         assert_eq!(body(&got(hub.poll("c", Cursor::After(MsgId { time: 50, tag: 0 }), 2, 0, 110))), b"3");
         // Cursor ahead of everything (client from before a restart): wait.
-        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 999, tag: 0 }), 3, 0, 110), Poll::Held));
+        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 999, tag: 0 }), 3, 0, 110), Poll::Held(_)));
     }
 
     #[test]
@@ -629,7 +633,7 @@ mod tests {
         assert_eq!(hub.channel_count(), 0);
         assert_eq!(hub.buffered_count(), 0);
         // A held poll keeps an empty channel alive until cancelled.
-        assert!(matches!(hub.poll("c", Cursor::Oldest, 7, 3, 200), Poll::Held));
+        assert!(matches!(hub.poll("c", Cursor::Oldest, 7, 3, 200), Poll::Held(_)));
         assert_eq!(hub.info("c", 201).unwrap().subscribers, 1);
         hub.cancel("c", 7);
         assert_eq!(hub.channel_count(), 0);
@@ -638,13 +642,13 @@ mod tests {
     #[test]
     fn delete_and_sessions() {
         let mut hub = Hub::new(10, 60);
-        assert!(matches!(hub.poll("c", Cursor::Oldest, 1, 9, 0), Poll::Held));
+        assert!(matches!(hub.poll("c", Cursor::Oldest, 1, 9, 0), Poll::Held(_)));
         assert_eq!(hub.delete("c").unwrap().len(), 1);
         assert!(hub.delete("c").is_none());
         assert!(hub.close_session("s").is_none());
         hub.open_session("s", Some("42".into()));
         assert_eq!(hub.session("s").unwrap().user.as_deref(), Some("42"));
-        assert!(matches!(hub.poll("session:s", Cursor::Oldest, 2, 9, 0), Poll::Held));
+        assert!(matches!(hub.poll("session:s", Cursor::Oldest, 2, 9, 0), Poll::Held(_)));
         assert_eq!(hub.close_session("s").unwrap().len(), 1);
         assert!(hub.session("s").is_none());
         assert_eq!(hub.held_count(), 0);
@@ -725,11 +729,11 @@ mod tests {
         let early = MsgId { time: 100, tag: 0 };
         match hub.poll("c", Cursor::After(early), 1, 0, 100) {
             Poll::Message(m, skipped) => assert!(skipped && m.id == MsgId { time: 100, tag: 2 }),
-            Poll::Held => panic!(),
+            Poll::Held(_) => panic!(),
         }
         match hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 2, 0, 100) {
             Poll::Message(_, skipped) => assert!(!skipped, "nothing missed after the newest dropped"),
-            Poll::Held => panic!(),
+            Poll::Held(_) => panic!(),
         }
         let mut back = Hub::new(2, 60);
         back.restore("c", MsgId { time: 100, tag: 2 }, "t", b"2", 130);
@@ -751,14 +755,14 @@ mod tests {
         hub.publish("c", "t", b"new1", 100);
         match hub.poll("c", Cursor::After(old_cursor), 1, 0, 100) {
             Poll::Message(m, _) => assert_eq!(body(&m), b"new0"),
-            Poll::Held => panic!("the old cursor must not hide this run's messages"),
+            Poll::Held(_) => panic!("the old cursor must not hide this run's messages"),
         }
         // A cursor of this run walks on normally.
         match hub.poll("c", Cursor::After(MsgId { time: 100, tag: 0 }), 2, 0, 100) {
             Poll::Message(m, _) => assert_eq!(body(&m), b"new1"),
-            Poll::Held => panic!(),
+            Poll::Held(_) => panic!(),
         }
-        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 3, 0, 100), Poll::Held));
+        assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 3, 0, 100), Poll::Held(_)));
     }
 
     #[test]

@@ -1109,11 +1109,16 @@ impl Server {
                 }
                 self.answer_message(t, &p.lines, m, p.keep_alive)
             }
-            crate::hub::Poll::Held => {
+            crate::hub::Poll::Held(name) => {
                 let Some(c) = self.conns.get_mut(t) else { return };
                 c.stamp = id;
-                let PendingPoll { channel, sid, echo, lines, keep_alive, .. } = p;
-                c.phase = Phase::Held(Box::new(Hold { id, channel: channel.into(), sid: sid.into(), cursor: echo, lines, keep_alive }));
+                if c.inbuf.is_empty() {
+                    // Nothing is read while the poll is held, perhaps for minutes: the request's
+                    // buffer goes back to the allocator rather than sit in every held poll.
+                    c.inbuf = Vec::new();
+                }
+                let PendingPoll { sid, echo, lines, keep_alive, .. } = p;
+                c.phase = Phase::Held(Box::new(Hold { id, channel: name, sid: sid.into(), cursor: echo, lines, keep_alive }));
                 self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp: id });
             }
         }
