@@ -1,7 +1,9 @@
 //! The table: reads the result lines of every phase of every run (one `key=value ...` line per
 //! file, as `comet-bench run` prints them and `scripts/bench` writes the redis-benchmark ones),
 //! takes per scenario and server the median over the runs (loss and duplicates: the sum, so a
-//! single bad run shows), and prints one markdown table: comet, the other server, their ratio.
+//! single bad run shows), and prints one markdown table: comet, the other server, and their
+//! ratio, taken as the median of the per-run ratios (each run's two phases share the machine's
+//! mood of the moment).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,21 +52,25 @@ impl Results {
 
     fn get(&self, scenario: &str, server: &str, key: &str, agg: Agg) -> Option<f64> {
         let mut v = self.values(scenario, server, key);
-        if v.is_empty() {
-            return None;
+        match agg {
+            Agg::Sum => (!v.is_empty()).then(|| v.iter().sum()),
+            Agg::Median => median(&mut v),
         }
-        Some(match agg {
-            Agg::Sum => v.iter().sum(),
-            Agg::Median => {
-                v.sort_by(|a, b| a.total_cmp(b));
-                let m = v.len() / 2;
-                if v.len() % 2 == 1 {
-                    v[m]
-                } else {
-                    (v[m - 1] + v[m]) / 2.0
-                }
-            }
-        })
+    }
+
+    /// The median over runs of `a`'s figure divided by `b`'s in the same run. The two phases of a
+    /// run go back to back, so a slow spell of the shared machine weighs on both sides of the
+    /// same ratio instead of on one server's median.
+    fn paired_ratio(&self, scenario: &str, a: &str, b: &str, key: &str) -> Option<f64> {
+        let by_run = |server: &str| -> BTreeMap<String, f64> {
+            self.0
+                .get(&(scenario.to_string(), server.to_string()))
+                .map(|runs| runs.iter().filter_map(|f| Some((f.get("run")?.clone(), f.get(key)?.parse::<f64>().ok()?))).collect())
+                .unwrap_or_default()
+        };
+        let (va, vb) = (by_run(a), by_run(b));
+        let mut ratios: Vec<f64> = va.iter().filter_map(|(run, x)| vb.get(run).filter(|y| **y != 0.0).map(|y| x / y)).collect();
+        median(&mut ratios)
     }
 
     fn runs(&self, scenario: &str, server: &str) -> usize {
@@ -74,6 +80,15 @@ impl Results {
     fn any(&self, scenario: &str) -> bool {
         self.0.keys().any(|(s, _)| s == scenario)
     }
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
 }
 
 /// A figure: thousands separated when large, a few decimals when small.
@@ -122,6 +137,18 @@ impl Table {
         self.out.push_str(&format!("| {label} | {} | {} | {} |\n", num(comet), num(other), ratio(comet, other)));
     }
 
+    /// Both servers' medians over the runs, and the median of the per-run ratios.
+    fn median_row(&mut self, r: &Results, scenario: &str, servers: (&str, &str), key: &str, label: &str) {
+        let c = r.get(scenario, servers.0, key, Agg::Median);
+        let o = r.get(scenario, servers.1, key, Agg::Median);
+        let paired = r.paired_ratio(scenario, servers.0, servers.1, key);
+        let shown = match paired {
+            Some(p) if c.is_some_and(|c| c != 0.0) => format!("{p:.2}"),
+            _ => ratio(c, o),
+        };
+        self.text_row(label, &num(c), &num(o), &shown);
+    }
+
     fn text_row(&mut self, label: &str, comet: &str, other: &str, r: &str) {
         self.out.push_str(&format!("| {label} | {comet} | {other} | {r} |\n"));
     }
@@ -131,7 +158,7 @@ impl Table {
 pub fn table(dir: &Path) -> std::io::Result<String> {
     let r = Results::load(dir)?;
     let mut t = Table {
-        out: String::from("| figure | comet | nchan (redis-server for PUBLISH) | ratio comet ÷ other |\n|---|---:|---:|---:|\n"),
+        out: String::from("| figure | comet | nchan (redis-server for PUBLISH) | ratio comet ÷ other (median of per-run ratios) |\n|---|---:|---:|---:|\n"),
     };
     let both = |r: &Results, sc: &str, key: &str, agg: Agg| (r.get(sc, "comet", key, agg), r.get(sc, "nchan", key, agg));
     let runs = |r: &Results, sc: &str| r.runs(sc, "comet").max(r.runs(sc, "nchan"));
@@ -155,10 +182,8 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
         for (n, each, sc) in &idle {
             let what = if *each { "one channel each" } else { "one channel" };
             let n = num(Some(*n as f64));
-            let (c, o) = both(&r, sc, "held", Agg::Median);
-            t.row(&format!("polls held, of {n} on {what}"), c, o);
-            let (c, o) = both(&r, sc, "bytes_per_held", Agg::Median);
-            t.row(&format!("server RSS growth per held poll, bytes ({n} on {what})"), c, o);
+            t.median_row(&r, sc, ("comet", "nchan"), "held", &format!("polls held, of {n} on {what}"));
+            t.median_row(&r, sc, ("comet", "nchan"), "bytes_per_held", &format!("server RSS growth per held poll, bytes ({n} on {what})"));
         }
     }
 
@@ -172,10 +197,8 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
             size(&r, sc, "rate"),
             size(&r, sc, "size")
         ));
-        let (c, o) = both(&r, sc, "p50_ms", Agg::Median);
-        t.row("delivery latency p50, ms", c, o);
-        let (c, o) = both(&r, sc, "p99_ms", Agg::Median);
-        t.row("delivery latency p99, ms", c, o);
+        t.median_row(&r, sc, ("comet", "nchan"), "p50_ms", "delivery latency p50, ms");
+        t.median_row(&r, sc, ("comet", "nchan"), "p99_ms", "delivery latency p99, ms");
         loss_rows(&mut t, &r, sc, runs(&r, sc));
     }
 
@@ -193,17 +216,12 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
             size(&r, sc, "messages")
         ));
         if sc == "burst-batched" {
-            let (c, o) = both(&r, sc, "messages_per_response", Agg::Median);
-            t.row("messages per response", c, o);
+            t.median_row(&r, sc, ("comet", "nchan"), "messages_per_response", "messages per response");
         }
-        let (c, o) = both(&r, sc, "deliveries_per_s", Agg::Median);
-        t.row("deliveries per second (wall clock; the load generator may be the limit)", c, o);
-        let (c, o) = both(&r, sc, "cpu_us_per_delivery", Agg::Median);
-        t.row("server CPU µs per delivery", c, o);
-        let (c, o) = both(&r, sc, "p99_ms", Agg::Median);
-        t.row("delivery latency p99, ms (includes queueing behind the burst)", c, o);
-        let (c, o) = both(&r, sc, "loadgen_cpu_pct", Agg::Median);
-        t.row("load generator CPU, % of its core (near 100: it is the limit)", c, o);
+        t.median_row(&r, sc, ("comet", "nchan"), "deliveries_per_s", "deliveries per second (wall clock; the load generator may be the limit)");
+        t.median_row(&r, sc, ("comet", "nchan"), "cpu_us_per_delivery", "server CPU µs per delivery");
+        t.median_row(&r, sc, ("comet", "nchan"), "p99_ms", "delivery latency p99, ms (includes queueing behind the burst)");
+        t.median_row(&r, sc, ("comet", "nchan"), "loadgen_cpu_pct", "load generator CPU, % of its core (near 100: it is the limit)");
         loss_rows(&mut t, &r, sc, runs(&r, sc));
     }
 
@@ -216,14 +234,10 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
             size(&r, sc, "channels"),
             size(&r, sc, "rounds")
         ));
-        let (c, o) = both(&r, sc, "deliveries_per_s", Agg::Median);
-        t.row("deliveries per second", c, o);
-        let (c, o) = both(&r, sc, "p99_ms", Agg::Median);
-        t.row("delivery latency p99, ms", c, o);
-        let (c, o) = both(&r, sc, "cpu_us_per_delivery", Agg::Median);
-        t.row("server CPU µs per delivery", c, o);
-        let (c, o) = both(&r, sc, "loadgen_cpu_pct", Agg::Median);
-        t.row("load generator CPU, % of its core", c, o);
+        t.median_row(&r, sc, ("comet", "nchan"), "deliveries_per_s", "deliveries per second");
+        t.median_row(&r, sc, ("comet", "nchan"), "p99_ms", "delivery latency p99, ms");
+        t.median_row(&r, sc, ("comet", "nchan"), "cpu_us_per_delivery", "server CPU µs per delivery");
+        t.median_row(&r, sc, ("comet", "nchan"), "loadgen_cpu_pct", "load generator CPU, % of its core");
         loss_rows(&mut t, &r, sc, runs(&r, sc));
     }
 
@@ -231,12 +245,8 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
     let sc = "publish";
     if r.any(sc) {
         t.section("5. Publish rate: redis-benchmark -P 16 -c 10, PUBLISH with a 100 B payload (other = redis-server)");
-        let c = r.get(sc, "comet", "rps", Agg::Median);
-        let o = r.get(sc, "redis", "rps", Agg::Median);
-        t.row("PUBLISH per second", c, o);
-        let c = r.get(sc, "comet", "cpu_us_per_op", Agg::Median);
-        let o = r.get(sc, "redis", "cpu_us_per_op", Agg::Median);
-        t.row("server CPU µs per PUBLISH", c, o);
+        t.median_row(&r, sc, ("comet", "redis"), "rps", "PUBLISH per second");
+        t.median_row(&r, sc, ("comet", "redis"), "cpu_us_per_op", "server CPU µs per PUBLISH");
     }
 
     // 6. Plain request baseline.
@@ -258,7 +268,9 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
                 _ => None,
             };
             if c.is_some() || o.is_some() {
-                t.row(&format!("{what}: CPU per delivery, in plain requests"), div(c), div(o));
+                let paired = r.paired_ratio(sc, "comet", "nchan", "cpu_us_per_delivery");
+                let shown = paired.map_or_else(|| ratio(div(c), div(o)), |p| format!("{p:.2}"));
+                t.text_row(&format!("{what}: CPU per delivery, in plain requests"), &num(div(c)), &num(div(o)), &shown);
             }
         }
     }
@@ -278,6 +290,29 @@ fn loss_rows(t: &mut Table, r: &Results, sc: &str, runs: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_pair_the_runs() {
+        let mut map: BTreeMap<(String, String), Vec<Fields>> = BTreeMap::new();
+        for line in [
+            "scenario=burst server=comet run=1 cpu=10",
+            "scenario=burst server=nchan run=1 cpu=20",
+            "scenario=burst server=comet run=2 cpu=30",
+            "scenario=burst server=nchan run=2 cpu=40",
+            "scenario=burst server=comet run=3 cpu=9",
+            "scenario=burst server=nchan run=3 cpu=10",
+            // A run whose partner is missing takes no part.
+            "scenario=burst server=comet run=4 cpu=1000",
+        ] {
+            let f = parse_line(line);
+            map.entry((f["scenario"].clone(), f["server"].clone())).or_default().push(f);
+        }
+        let r = Results(map);
+        // Per run 0.5, 0.75, 0.9: the median is 0.75 (the ratio of the medians would say 1.00).
+        assert_eq!(r.paired_ratio("burst", "comet", "nchan", "cpu"), Some(0.75));
+        assert_eq!(r.get("burst", "comet", "cpu", Agg::Median), Some(20.0));
+        assert_eq!(r.paired_ratio("burst", "comet", "nobody", "cpu"), None);
+    }
 
     #[test]
     fn numbers() {
