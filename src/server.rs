@@ -1137,9 +1137,9 @@ impl Server {
 
     /// Answers with several buffered messages in one `multipart/mixed` response, as nchan's
     /// `nchan_longpoll_multipart_response` does. Each part is `--boundary`, then the message's
-    /// tail (its headers, a blank line, its body) as encoded at publish: no message is encoded again. The
-    /// response's own `Last-Modified`/`Etag` are the last message's, so the client's next
-    /// poll continues after the batch.
+    /// tail (its headers, a blank line, its body) as encoded at publish: no message is encoded
+    /// again. The response's own `Last-Modified`/`Etag` are the last message's, so the client's
+    /// next poll continues after the batch.
     fn answer_batch(&mut self, t: usize, lines: &Arc<[u8]>, batch: Vec<Arc<Message>>, keep_alive: bool) {
         self.refresh_date();
         let Some(last) = batch.last().map(|m| m.id) else { return };
