@@ -107,6 +107,8 @@ impl Chunk {
 
 /// Most chunks handed to one `writev` (Linux takes up to 1024).
 const MAX_IOVECS: usize = 64;
+/// Output up to this size, in several chunks, is copied into one buffer for a single `write`.
+const GATHER_BELOW: usize = 4096;
 
 /// Pending output: chunks in order, and how much of the first one is already written.
 #[derive(Default)]
@@ -149,12 +151,21 @@ impl OutQueue {
         }
     }
 
-    /// Writes as much as the socket takes. Ok(true) when the queue is empty.
-    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<bool> {
+    /// Writes as much as the socket takes. Ok(true) when the queue is empty. `scratch` is the
+    /// loop's buffer, lent to gather a small answer into.
+    pub fn flush(&mut self, w: &mut impl Write, scratch: &mut [u8]) -> io::Result<bool> {
         while self.len > 0 {
-            // An answer is a few chunks: gather them on a small array, and only a long queue
-            // (a batch of large shared parts, pipelined replies) on the large one.
-            let result = if self.chunks.len() <= 4 { self.write_some::<4>(w) } else { self.write_some::<MAX_IOVECS>(w) };
+            // A small answer of several chunks (a delivery: head, CORS lines, message) is copied
+            // into one buffer and sent with one plain write: copying a few hundred bytes costs less
+            // than the kernel's handling of an iovec array (see docs/performance.md). Larger
+            // output goes as it is.
+            let result = if self.chunks.len() > 1 && self.len <= GATHER_BELOW.min(scratch.len()) {
+                self.write_gathered(w, scratch)
+            } else if self.chunks.len() <= 4 {
+                self.write_some::<4>(w)
+            } else {
+                self.write_some::<MAX_IOVECS>(w)
+            };
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
@@ -180,6 +191,18 @@ impl OutQueue {
         self.chunks.clear();
         self.offset = 0;
         Ok(true)
+    }
+
+    /// One `write` of every chunk, copied into `scratch` (which holds them all).
+    fn write_gathered(&self, w: &mut impl Write, scratch: &mut [u8]) -> io::Result<usize> {
+        let mut n = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let b = c.bytes();
+            let b = if i == 0 { &b[self.offset..] } else { b };
+            scratch[n..n + b.len()].copy_from_slice(b);
+            n += b.len();
+        }
+        w.write(&scratch[..n])
     }
 
     /// One `writev` of the first `N` chunks at most. Each `writev` is a trip through the whole
@@ -285,7 +308,7 @@ mod tests {
         let msg = Arc::new(Message { id: MsgId { time: 1, tag: 0 }, http_tail: b"tail-bytes".to_vec().into_boxed_slice(), body_len: 4 });
         let shared: Arc<[u8]> = Arc::from(&b"shared"[..]);
         for chunks in [1usize, 3, 4, 5, 63, 64, 65, 200] {
-            for (per_call, block_every) in [(usize::MAX, 0), (1, 0), (7, 3), (1000, 2)] {
+            for (per_call, block_every, scratch_len) in [(usize::MAX, 0, 0), (usize::MAX, 0, 64 * 1024), (1, 0, 64 * 1024), (7, 3, 0), (1000, 2, 64 * 1024)] {
                 let mut q = OutQueue::default();
                 let mut want = Vec::new();
                 for i in 0..chunks {
@@ -306,8 +329,9 @@ mod tests {
                 }
                 assert_eq!(q.len(), want.len());
                 let mut sink = Sink { got: Vec::new(), per_call, block_every, calls: 0, slices: Vec::new() };
+                let mut scratch = vec![0; scratch_len];
                 let mut rounds = 0;
-                while !q.flush(&mut sink).unwrap() {
+                while !q.flush(&mut sink, &mut scratch).unwrap() {
                     rounds += 1;
                     assert!(rounds < 100_000, "no progress");
                 }
@@ -315,8 +339,10 @@ mod tests {
                 assert!(q.is_empty());
                 assert!(sink.slices.iter().all(|&n| (1..=MAX_IOVECS).contains(&n)));
                 if per_call == usize::MAX && block_every == 0 {
-                    // Everything the socket takes goes in as few writev calls as the cap allows.
-                    assert_eq!(sink.slices.len(), chunks.div_ceil(MAX_IOVECS).max(1), "{chunks} chunks");
+                    // Everything the socket takes goes in one write when small enough to gather,
+                    // else in as few writev calls as the cap allows.
+                    let calls = if chunks > 1 && want.len() <= GATHER_BELOW.min(scratch_len) { 1 } else { chunks.div_ceil(MAX_IOVECS) };
+                    assert_eq!(sink.slices.len(), calls, "{chunks} chunks, scratch {scratch_len}");
                 }
             }
         }

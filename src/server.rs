@@ -1365,7 +1365,7 @@ impl Server {
         }
         let had_output = !c.out.is_empty();
         let before = c.out.len();
-        let result = c.out.flush(&mut c.stream);
+        let result = c.out.flush(&mut c.stream, &mut self.scratch);
         if c.out.len() < before {
             // Progress: the write clock starts again at the next block.
             c.write_blocked = 0;

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 const MAX_RECONNECTS: u8 = 5;
 /// Connect attempts per subscriber before it is counted as failed.
 const MAX_CONNECT_TRIES: u8 = 3;
+/// Longest a subscriber's next poll waits for the answers still arriving to be read.
+const RESEND_WAIT: Duration = Duration::from_millis(2);
 
 /// How the server reports its held polls.
 #[derive(Clone, Debug)]
@@ -111,6 +113,8 @@ struct Sub {
     sent_at: Instant,
     /// The first poll was sent (counted once).
     started: bool,
+    /// Its next poll waits in `Load::resend`.
+    queued: bool,
 }
 
 /// What the subscribers saw.
@@ -181,9 +185,10 @@ struct Load<'a> {
     opened: u64,
     delivered: Arc<AtomicU64>,
     plain: bool,
-    /// Subscribers whose answer came in this batch of events: their next poll is sent after the
-    /// whole batch is read, so a fan-out's later answers are timed when they arrive, not after
-    /// the load generator's own writes for the earlier ones.
+    /// Subscribers whose answer came and whose next poll is not sent yet. The polls go out once
+    /// no answer is waiting to be read (or `RESEND_WAIT` after the first of them): a fan-out's
+    /// later answers are then timed when they arrive, not after this one thread's writes for
+    /// the earlier ones, as a thousand browsers on their own machines would see them.
     resend: Vec<usize>,
 }
 
@@ -415,20 +420,17 @@ impl<'a> Load<'a> {
                 return;
             }
             if s.state == State::Ready {
+                s.queued = true;
                 self.resend.push(i);
                 break;
             }
         }
         if eof {
             let s = &self.subs[i];
-            let resend = s.state == State::Ready && self.resend.last() == Some(&i);
             match s.state {
                 // Closed with the next poll still to send: that poll goes on a new connection.
                 State::Polling => self.reconnect(i),
-                State::Ready if resend => {
-                    self.resend.pop();
-                    self.reconnect(i);
-                }
+                State::Ready if s.queued => self.reconnect(i),
                 State::Failed => {}
                 _ => {
                     // Closed while idle (plain mode, done): nothing lost.
@@ -565,6 +567,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                 left: plan.plain_requests.unwrap_or(0),
                 sent_at: Instant::now(),
                 started: false,
+                queued: false,
             })
             .collect(),
         tally: Tally::default(),
@@ -592,6 +595,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut publisher: Option<std::thread::JoinHandle<publish::Report>> = None;
     let mut last_report = t0;
+    let mut resend_since: Option<Instant> = None;
     while step != Step::Finished {
         // Connects are paced (in flight and per second): the servers' listen backlogs are short
         // (comet's is 128), and a SYN dropped on overflow costs its client a 1 s retransmit.
@@ -601,13 +605,22 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
             load.opened += 1;
             load.open(i);
         }
-        load.poll.poll(&mut events, Some(Duration::from_millis(5)))?;
+        // Polls waiting to be sent: only look for answers already there.
+        let wait = if load.resend.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
+        load.poll.poll(&mut events, Some(wait))?;
         for ev in events.iter() {
             load.event(ev.token().0, ev);
         }
-        for i in std::mem::take(&mut load.resend) {
-            if load.subs[i].state == State::Ready {
-                load.send(i);
+        if !load.resend.is_empty() {
+            let since = *resend_since.get_or_insert_with(Instant::now);
+            if events.is_empty() || since.elapsed() >= RESEND_WAIT {
+                for i in std::mem::take(&mut load.resend) {
+                    let s = &mut load.subs[i];
+                    if std::mem::take(&mut s.queued) && s.state == State::Ready {
+                        load.send(i);
+                    }
+                }
+                resend_since = None;
             }
         }
         let now = Instant::now();
