@@ -109,7 +109,7 @@ pub fn parts<'a>(body: &'a [u8], boundary: &str) -> Option<Vec<&'a [u8]>> {
 }
 
 /// Where `needle` first occurs in `hay`. Batches run to tens of kilobytes per answer, and the
-/// load generator must not become the limit of a burst: a compare at every offset took about
+/// load generator must not become the limit of a burst: a compare at every offset costs about
 /// 1 µs per part of a comet batch, glibc's `memmem` about a sixth of that.
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     // SAFETY: memmem only reads the two ranges, both borrowed slices; the pointer it returns
