@@ -258,6 +258,8 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
     put("failed", tally.failed.to_string());
     put("connect_errors", tally.connect_errors.to_string());
     put("reconnects", tally.reconnects.to_string());
+    // Sockets the kernel stamps arrivals on: their latencies end at the arrival, not the read.
+    put("arrival_stamped", tally.stamped_sockets.to_string());
     put("held", out.held.to_string());
     if let Some(d) = out.held_at {
         put("held_s", format!("{:.3}", d.as_secs_f64()));

@@ -21,7 +21,7 @@ use crate::wire;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,8 +31,6 @@ use std::time::{Duration, Instant};
 const MAX_RECONNECTS: u8 = 5;
 /// Connect attempts per subscriber before it is counted as failed.
 const MAX_CONNECT_TRIES: u8 = 3;
-/// Longest a subscriber's next poll waits for the answers still arriving to be read.
-const RESEND_WAIT: Duration = Duration::from_millis(2);
 
 /// How the server reports its held polls.
 #[derive(Clone, Debug)]
@@ -115,6 +113,8 @@ struct Sub {
     started: bool,
     /// Its next poll waits in `Load::resend`.
     queued: bool,
+    /// When the kernel received the data last read (Unix ns), if it stamps this socket.
+    arrived: Option<u64>,
 }
 
 /// What the subscribers saw.
@@ -139,6 +139,8 @@ pub struct Tally {
     pub latencies: Vec<u32>,
     pub requests: u64,
     pub last_delivery: Option<Instant>,
+    /// Sockets whose received data the kernel stamps with its arrival time.
+    pub stamped_sockets: u64,
 }
 
 /// What a phase measured.
@@ -185,10 +187,11 @@ struct Load<'a> {
     opened: u64,
     delivered: Arc<AtomicU64>,
     plain: bool,
-    /// Subscribers whose answer came and whose next poll is not sent yet. The polls go out once
-    /// no answer is waiting to be read (or `RESEND_WAIT` after the first of them): a fan-out's
-    /// later answers are then timed when they arrive, not after this one thread's writes for
-    /// the earlier ones, as a thousand browsers on their own machines would see them.
+    /// Subscribers whose answer came in this batch of readiness events: their next polls go out
+    /// once the whole batch is read, so the batch's later answers are timed when they arrived,
+    /// not after this one thread's writes for the earlier ones. (Holding the polls back longer,
+    /// until no answer at all is waiting, made the many-channels scenario time the load
+    /// generator instead: a round's messages then wait on re-polls still unsent.)
     resend: Vec<usize>,
 }
 
@@ -333,6 +336,9 @@ impl<'a> Load<'a> {
                         self.connecting -= 1;
                         self.tally.connected += 1;
                         let _ = stream.set_nodelay(true);
+                        if net::stamp_arrivals(stream) {
+                            self.tally.stamped_sockets += 1;
+                        }
                         s.state = State::Ready;
                         if !self.plain || s.started {
                             self.send(i);
@@ -370,12 +376,13 @@ impl<'a> Load<'a> {
             let s = &mut self.subs[i];
             let Some(stream) = s.stream.as_mut() else { return };
             loop {
-                match stream.read(&mut self.scratch) {
-                    Ok(0) => {
+                match net::recv_stamped(stream, &mut self.scratch) {
+                    Ok((0, _)) => {
                         eof = true;
                         break;
                     }
-                    Ok(n) => {
+                    Ok((n, arrived)) => {
+                        s.arrived = arrived;
                         s.inbuf.extend_from_slice(&self.scratch[..n]);
                         // A short read drained the socket; more data will raise a new edge.
                         // This saves the WouldBlock read per answer that a loop would cost.
@@ -511,7 +518,11 @@ impl<'a> Load<'a> {
                     s.unique += 1;
                     self.tally.unique += 1;
                     self.delivered.fetch_add(1, Ordering::Relaxed);
-                    let lat_us = publish::now_ns().saturating_sub(t) / 1000;
+                    // From the send time in the body to the answer's arrival in the socket (the
+                    // read, on a kernel that does not stamp): the load generator's own delays in
+                    // reading thousands of sockets on one thread are not the server's.
+                    let arrived = s.arrived.unwrap_or_else(publish::now_ns);
+                    let lat_us = arrived.saturating_sub(t) / 1000;
                     self.tally.latencies.push(lat_us.min(u32::MAX as u64) as u32);
                     self.tally.last_delivery = Some(now);
                 } else {
@@ -568,6 +579,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                 sent_at: Instant::now(),
                 started: false,
                 queued: false,
+                arrived: None,
             })
             .collect(),
         tally: Tally::default(),
@@ -595,7 +607,6 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut publisher: Option<std::thread::JoinHandle<publish::Report>> = None;
     let mut last_report = t0;
-    let mut resend_since: Option<Instant> = None;
     while step != Step::Finished {
         // Connects are paced (in flight and per second): the servers' listen backlogs are short
         // (comet's is 128), and a SYN dropped on overflow costs its client a 1 s retransmit.
@@ -605,22 +616,14 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
             load.opened += 1;
             load.open(i);
         }
-        // Polls waiting to be sent: only look for answers already there.
-        let wait = if load.resend.is_empty() { Duration::from_millis(5) } else { Duration::ZERO };
-        load.poll.poll(&mut events, Some(wait))?;
+        load.poll.poll(&mut events, Some(Duration::from_millis(5)))?;
         for ev in events.iter() {
             load.event(ev.token().0, ev);
         }
-        if !load.resend.is_empty() {
-            let since = *resend_since.get_or_insert_with(Instant::now);
-            if events.is_empty() || since.elapsed() >= RESEND_WAIT {
-                for i in std::mem::take(&mut load.resend) {
-                    let s = &mut load.subs[i];
-                    if std::mem::take(&mut s.queued) && s.state == State::Ready {
-                        load.send(i);
-                    }
-                }
-                resend_since = None;
+        for i in std::mem::take(&mut load.resend) {
+            let s = &mut load.subs[i];
+            if std::mem::take(&mut s.queued) && s.state == State::Ready {
+                load.send(i);
             }
         }
         let now = Instant::now();

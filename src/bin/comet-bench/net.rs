@@ -6,7 +6,7 @@
 //!
 //! std and mio cannot bind before connecting, so this file calls the four C functions it needs
 //! directly (Linux only, as the whole bench is: it reads /proc). Everything else stays in safe
-//! std/mio types.
+//! std/mio types, but for the receive with the kernel's arrival time (`recv_stamped`).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -111,4 +111,57 @@ pub fn source(i: usize, n: usize) -> Option<Ipv4Addr> {
         return None;
     }
     Some(Ipv4Addr::new(127, 0, 0, 1 + (i % n.min(250)) as u8))
+}
+
+/// Asks the kernel to stamp the data this socket receives with its arrival time (software
+/// receive timestamps), so a delivery's latency ends when the answer reached the client's socket,
+/// not when this single thread, busy with thousands of others, got round to reading it. False
+/// when the kernel refuses: latencies are then timed at the read.
+pub fn stamp_arrivals(s: &impl AsRawFd) -> bool {
+    let flags = (libc::SOF_TIMESTAMPING_RX_SOFTWARE | libc::SOF_TIMESTAMPING_SOFTWARE) as libc::c_int;
+    // SAFETY: setsockopt on a live descriptor with a correctly sized value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPING,
+            &flags as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// `recv` into `buf`, with the arrival time (Unix nanoseconds, the wall clock the publisher
+/// stamps messages with) of the last data read, when the socket has `stamp_arrivals` on.
+pub fn recv_stamped(s: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // Room for one SCM_TIMESTAMPING message (three timespecs), aligned as a cmsghdr wants.
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; every pointer set in it outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: recvmsg writes at most iov_len bytes into buf and msg_controllen into control.
+    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: the CMSG_* walk stays inside msg_control as the kernel filled it (msg_controllen).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPING {
+                // The first of the three is the software stamp.
+                let t: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                if t.tv_sec > 0 {
+                    stamp = Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
 }
