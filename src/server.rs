@@ -224,7 +224,8 @@ pub struct Server {
     /// Connections that used up their read budget: driven again after the next poll.
     yielded: Vec<usize>,
     /// Read buffer shared by all connections: a read lands here, then only the bytes read are
-    /// appended to the connection's own buffer.
+    /// appended to the connection's own buffer. Between reads it is lent to `OutQueue::flush` to
+    /// gather a small answer into one write.
     scratch: Box<[u8]>,
     handle: Handle,
     /// When accepting may resume after running out of descriptors.
