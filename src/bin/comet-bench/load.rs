@@ -189,9 +189,8 @@ struct Load<'a> {
     plain: bool,
     /// Subscribers whose answer came in this batch of readiness events: their next polls go out
     /// once the whole batch is read, so the batch's later answers are timed when they arrived,
-    /// not after this one thread's writes for the earlier ones. (Holding the polls back longer,
-    /// until no answer at all is waiting, made the many-channels scenario time the load
-    /// generator instead: a round's messages then wait on re-polls still unsent.)
+    /// not after this one thread's writes for the earlier ones. (Holding them back until no
+    /// answer at all is waiting would make a round's messages wait on re-polls still unsent.)
     resend: Vec<usize>,
 }
 
