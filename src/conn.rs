@@ -193,12 +193,15 @@ impl OutQueue {
         Ok(true)
     }
 
+    /// The bytes still to write, chunk by chunk (the first one less what is already written).
+    fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().enumerate().map(|(i, c)| if i == 0 { &c.bytes()[self.offset..] } else { c.bytes() })
+    }
+
     /// One `write` of every chunk, copied into `scratch` (which holds them all).
     fn write_gathered(&self, w: &mut impl Write, scratch: &mut [u8]) -> io::Result<usize> {
         let mut n = 0;
-        for (i, c) in self.chunks.iter().enumerate() {
-            let b = c.bytes();
-            let b = if i == 0 { &b[self.offset..] } else { b };
+        for b in self.unwritten() {
             scratch[n..n + b.len()].copy_from_slice(b);
             n += b.len();
         }
@@ -210,10 +213,9 @@ impl OutQueue {
     fn write_some<const N: usize>(&self, w: &mut impl Write) -> io::Result<usize> {
         let mut slices = [IoSlice::new(&[]); N];
         let mut n = 0;
-        for (i, c) in self.chunks.iter().take(N).enumerate() {
-            let b = c.bytes();
-            slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
-            n = i + 1;
+        for (slot, b) in slices.iter_mut().zip(self.unwritten()) {
+            *slot = IoSlice::new(b);
+            n += 1;
         }
         w.write_vectored(&slices[..n])
     }

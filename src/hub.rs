@@ -128,6 +128,11 @@ struct Channel {
 }
 
 impl Channel {
+    /// Its name as shared by the expiry queue, drops and held polls (made once, on first need).
+    fn key(&mut self, name: &str) -> Arc<str> {
+        self.name.get_or_insert_with(|| Arc::from(name)).clone()
+    }
+
     fn is_idle(&self) -> bool {
         self.messages.is_empty() && self.waiters.is_empty()
     }
@@ -249,7 +254,7 @@ impl Hub {
         }
         ch.waiters.insert(hold, token);
         self.held += 1;
-        Poll::Held(ch.name.get_or_insert_with(|| Arc::from(name)).clone())
+        Poll::Held(ch.key(name))
     }
 
     /// Tells the hub the second the daemon started (see `poll`).
@@ -369,7 +374,7 @@ impl Hub {
             if let Some(old) = ch.messages.pop_front() {
                 ch.dropped = Some(old.id);
                 if self.track_drops {
-                    let key = ch.name.get_or_insert_with(|| Arc::from(name)).clone();
+                    let key = ch.key(name);
                     self.drops.push((key, old.id));
                 }
             }
@@ -381,7 +386,7 @@ impl Hub {
         let at = now.saturating_add(self.ttl);
         if at > ch.expiry_queued {
             ch.expiry_queued = at;
-            let key = ch.name.get_or_insert_with(|| Arc::from(name)).clone();
+            let key = ch.key(name);
             self.expiry.push_back((at, key));
             if self.expiry.len() > 2 * self.buffered + 1024 {
                 self.compact_expiry();
