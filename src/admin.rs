@@ -52,7 +52,7 @@ impl Server {
     }
 
     /// Handles one request on the admin listener.
-    pub(crate) fn admin_request(&mut self, t: usize, req: Request, body: Vec<u8>) {
+    pub(crate) fn admin_request(&mut self, t: usize, req: Request<'_>, body: &[u8]) {
         let ka = req.keep_alive;
         if req.path == "/" && req.method() == Method::Get {
             // The page holds no data: it asks for the token (kept in the URL fragment, never sent
@@ -66,7 +66,7 @@ impl Server {
                 let lines = format!("Retry-After: {}\r\n", left.as_secs() + 1);
                 return self.respond(t, 429, &lines, b"too many failed token checks from this address", false);
             }
-            let secret = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
+            let secret = req.authorization.and_then(|a| a.strip_prefix("Bearer ")).map(str::trim);
             if secret.and_then(|s| self.token_by_secret(s.as_bytes())).is_none() {
                 self.counters.rejected += 1;
                 // A request without any token is a mistake, not a guess: only wrong tokens count.
@@ -87,7 +87,7 @@ impl Server {
             let cursor = echo.map_or(hub::Cursor::Newest, hub::Cursor::After);
             let p = crate::conn::PendingPoll {
                 channel: ADMIN_CHANNEL.into(),
-                sid: String::new(),
+                sid: "".into(),
                 cursor,
                 echo,
                 lines: std::sync::Arc::from(&b""[..]),
@@ -98,7 +98,7 @@ impl Server {
             };
             return self.hold(t, p, None);
         }
-        if matches!(req.path.as_str(), "/status" | "/metrics") {
+        if matches!(&*req.path, "/status" | "/metrics") {
             if req.method() != Method::Get {
                 return self.respond(t, 405, "Allow: GET\r\n", b"GET only", ka);
             }
@@ -111,9 +111,9 @@ impl Server {
             };
         }
         let channel = if let Some(rest) = req.path.strip_prefix("/pub/") {
-            rest.to_string()
+            std::borrow::Cow::Borrowed(rest)
         } else if req.path == "/pub" {
-            match http::query_arg(&req.query, "id") {
+            match http::query_arg(req.query, "id") {
                 Some(Some(id)) => id,
                 _ => return self.reject(t, 400, "missing or badly encoded id argument", ka),
             }
@@ -123,11 +123,11 @@ impl Server {
         if !hub::valid_channel(&channel, self.cfg.limits.max_channel_id_bytes) {
             return self.reject(t, 400, "bad channel id", ka);
         }
-        let json = req.accept.as_deref().is_some_and(|a| a.contains("application/json"));
+        let json = req.accept.is_some_and(|a| a.contains("application/json"));
         match req.method() {
             Method::Post | Method::Put => {
-                let ct = req.content_type.as_deref().filter(|c| !c.is_empty()).unwrap_or("text/plain");
-                let n = self.publish(&channel, ct, &body);
+                let ct = req.content_type.filter(|c| !c.is_empty()).unwrap_or("text/plain");
+                let n = self.publish(&channel, ct, body);
                 let status = if n > 0 { 201 } else { 202 };
                 if self.store_acks_wait() {
                     // fsync = "always": the answer waits until the message is on disk.

@@ -3,6 +3,8 @@
 //! hold the poll in the hub. Compatible with the nginx push module and nchan's long-poll
 //! subscriber (`/sub/<id>`, `/subscribe?id=`, `Last-Modified`/`Etag` cursor, 408 on timeout).
 
+use std::borrow::Cow;
+
 use crate::auth::{self, Verdict};
 use crate::config::{AuthMode, FirstMessage};
 use crate::conn::PendingPoll;
@@ -29,9 +31,9 @@ fn client_etag() -> String {
 struct Refusal(u16, &'static str);
 
 /// What a subscribe target resolves to.
-struct Target {
-    channel: String,
-    sid: String,
+struct Target<'a> {
+    channel: Cow<'a, str>,
+    sid: &'a str,
     cursor: Cursor,
     echo: Option<hub::MsgId>,
 }
@@ -50,8 +52,8 @@ enum Access {
 
 impl Server {
     /// CORS header lines for a request from an allowed origin; empty otherwise.
-    fn cors_lines(&self, req: &Request) -> String {
-        let Some(origin) = req.origin.as_deref() else { return String::new() };
+    fn cors_lines(&self, req: &Request<'_>) -> String {
+        let Some(origin) = req.origin else { return String::new() };
         let allowed = &self.cfg.browser.allowed_origins;
         if !allowed.iter().any(|o| o == "*" || o == origin) {
             return String::new();
@@ -64,7 +66,7 @@ impl Server {
     }
 
     /// Handles one request on the browser listener.
-    pub(crate) fn browser_request(&mut self, t: usize, req: Request) {
+    pub(crate) fn browser_request(&mut self, t: usize, req: Request<'_>) {
         let keep_alive = req.keep_alive;
         let cors = self.cors_lines(&req);
         match req.method() {
@@ -84,7 +86,7 @@ impl Server {
                 // Cached for a day, then revalidated by its ETag (a hash of the file).
                 let etag = client_etag();
                 let lines = format!("{cors}Cache-Control: public, max-age=86400\r\nETag: {etag}\r\n");
-                if req.if_none_match.as_deref() == Some(etag.as_str()) {
+                if req.if_none_match == Some(etag.as_str()) {
                     return self.respond(t, 304, &lines, b"", keep_alive);
                 }
                 let head = req.method() == Method::Head;
@@ -96,9 +98,9 @@ impl Server {
                         Access::Refused(r) => r,
                         access => {
                             let Target { channel, sid, cursor, echo } = target;
-                            let multipart = req.accept.as_deref().is_some_and(|a| a.contains("multipart/mixed"))
-                                || http::query_arg(&req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
-                            let p = PendingPoll { channel, sid, cursor, echo, lines: if cors.is_empty() { self.empty_lines.clone() } else { Arc::from(cors.as_bytes()) }, keep_alive, multipart, asked: self.now, generation: 0 };
+                            let multipart = req.accept.is_some_and(|a| a.contains("multipart/mixed"))
+                                || http::query_arg(req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
+                            let p = PendingPoll { channel, sid: Cow::Borrowed(sid), cursor, echo, lines: if cors.is_empty() { self.empty_lines.clone() } else { Arc::from(cors.as_bytes()) }, keep_alive, multipart, asked: self.now, generation: 0 };
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),
@@ -121,14 +123,14 @@ impl Server {
 
     /// How this poll's access is decided: private channels were checked by `subscribe_target`;
     /// then open patterns, a signed key, the mode, the cache, and last a worker job.
-    fn access(&mut self, t: usize, req: &Request, target: &Target) -> Access {
+    fn access(&mut self, t: usize, req: &Request<'_>, target: &Target<'_>) -> Access {
         let a = self.auth_cfg.clone();
-        let (channel, sid) = (target.channel.as_str(), target.sid.as_str());
+        let (channel, sid) = (&*target.channel, target.sid);
         if channel.starts_with(hub::SESSION_PREFIX) || a.open_channels.iter().any(|p| auth::pattern_match(p, channel)) {
             return Access::Open;
         }
-        if let Some(key) = http::query_arg(&req.query, "key") {
-            let expires = http::query_arg(&req.query, "expires").flatten().and_then(|e| e.parse::<u64>().ok());
+        if let Some(key) = http::query_arg(req.query, "key") {
+            let expires = http::query_arg(req.query, "expires").flatten().and_then(|e| e.parse::<u64>().ok());
             let ok = match (key, expires, a.key_secret.is_empty()) {
                 (Some(key), Some(exp), false) => {
                     auth::verify(&a.key_secret, channel, sid, &key, exp, self.now_secs)
@@ -155,21 +157,21 @@ impl Server {
             }));
         }
         let cb = auth::CallbackRequest {
-            cookie: req.cookie.clone().unwrap_or_default(),
+            cookie: req.cookie.as_deref().unwrap_or_default().to_string(),
             sid,
             channel,
             client: self.conns[t].peer.ip().to_string(),
-            uri: if req.query.is_empty() { req.path.clone() } else { format!("{}?{}", req.path, req.query) },
+            uri: if req.query.is_empty() { req.path.to_string() } else { format!("{}?{}", req.path, req.query) },
         };
         Access::Ask(Box::new(move |res| crate::worker::Outcome::Access(auth::check_http(&res.http, &a.url, &cb))))
     }
 
     /// The channel, session, starting cursor and cursor to echo for a subscribe request.
-    fn subscribe_target(&self, req: &Request) -> Result<Target, Refusal> {
+    fn subscribe_target<'a>(&self, req: &'a Request<'_>) -> Result<Target<'a>, Refusal> {
         let raw = if let Some(rest) = req.path.strip_prefix("/sub/") {
-            rest.to_string()
+            Cow::Borrowed(rest)
         } else if req.path == "/subscribe" || req.path == "/sub" {
-            match http::query_arg(&req.query, "id") {
+            match http::query_arg(req.query, "id") {
                 Some(Some(id)) => id,
                 Some(None) => return Err(Refusal(400, "bad percent-encoding in id")),
                 None => return Err(Refusal(400, "missing id argument")),
@@ -180,7 +182,7 @@ impl Server {
         let sid = req.cookie.as_deref().and_then(|c| http::cookie(c, &self.cfg.browser.session_cookie));
         let channel = if raw == MY_CHANNEL {
             match sid {
-                Some(s) if hub::valid_session(s) => format!("{}{s}", hub::SESSION_PREFIX),
+                Some(s) if hub::valid_session(s) => Cow::Owned(format!("{}{s}", hub::SESSION_PREFIX)),
                 _ => return Err(Refusal(403, "no session: @me needs the session cookie")),
             }
         } else {
@@ -207,6 +209,6 @@ impl Server {
             (None, FirstMessage::Oldest) => Cursor::Oldest,
             (None, FirstMessage::Newest) => Cursor::Newest,
         };
-        Ok(Target { channel, sid: sid.unwrap_or("").to_string(), cursor, echo })
+        Ok(Target { channel, sid: sid.unwrap_or(""), cursor, echo })
     }
 }

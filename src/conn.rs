@@ -7,6 +7,7 @@
 
 use crate::hub::{Message, MsgId};
 use mio::net::TcpStream;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
@@ -36,22 +37,24 @@ pub enum Phase {
     Idle,
     /// Part of a head has arrived; the head timer runs from its first byte.
     Head,
-    /// A head arrived; waiting for `Request::content_length` body bytes.
-    Body(Box<crate::http::Request>),
+    /// A head arrived; waiting until the input holds this many bytes: the head (kept, to be
+    /// parsed again in place once the body is all there) and its `Content-Length` body.
+    Body(usize),
     /// A poll waiting for its access check (a worker job); the job's ticket carries this
     /// connection's stamp.
-    Authorizing(Box<PendingPoll>),
+    Authorizing(Box<PendingPoll<'static>>),
     /// A poll held on a channel until a message, a timeout, a delete or shutdown.
-    Held(Box<Hold>),
+    Held(Hold),
 }
 
-/// A poll whose access check is running on a worker.
+/// A poll on its way to being held or answered. It borrows its channel and session from the
+/// request being handled; one whose access check runs on a worker owns them (`into_owned`).
 #[derive(Debug)]
-pub struct PendingPoll {
+pub struct PendingPoll<'a> {
     /// The channel asked for.
-    pub channel: String,
+    pub channel: Cow<'a, str>,
     /// The session id ("" when anonymous), the cache key with the channel.
-    pub sid: String,
+    pub sid: Cow<'a, str>,
     /// Where to start reading once allowed.
     pub cursor: crate::hub::Cursor,
     /// The cursor to echo on 408.
@@ -66,6 +69,13 @@ pub struct PendingPoll {
     pub asked: std::time::Instant,
     /// `Server::auth_generation` when the check was sent to a worker.
     pub generation: u64,
+}
+
+impl PendingPoll<'_> {
+    /// The same poll owning its names, to outlive the request (an access check on a worker).
+    pub fn into_owned(self) -> PendingPoll<'static> {
+        PendingPoll { channel: Cow::Owned(self.channel.into_owned()), sid: Cow::Owned(self.sid.into_owned()), ..self }
+    }
 }
 
 /// What a held poll needs to be answered later.

@@ -5,6 +5,8 @@
 //! Also here: query and cookie lookup, percent-decoding, the message cursor (`time:tag`) and
 //! response encoding, including the per-message part that is encoded once and shared.
 
+use std::borrow::Cow;
+
 use crate::hub::MsgId;
 use crate::time;
 
@@ -23,40 +25,41 @@ pub enum Method {
     Other,
 }
 
-/// A parsed request head.
+/// A parsed request head. It borrows the input buffer it was parsed from: a poll's head is read
+/// in place, with no copy of its path or headers (the path is copied only when it has escapes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Request {
+pub struct Request<'a> {
     /// The method.
     pub method: Option<Method>,
     /// The path, percent-decoded, without the query.
-    pub path: String,
+    pub path: Cow<'a, str>,
     /// The raw query string (after `?`), still encoded.
-    pub query: String,
+    pub query: &'a str,
     /// HTTP/1.0 (keep-alive must be asked for) rather than 1.1.
     pub http10: bool,
     /// Whether the connection stays open after the response.
     pub keep_alive: bool,
     /// Length of the body that follows the head.
     pub content_length: usize,
-    /// `Cookie`, all lines joined with `; `.
-    pub cookie: Option<String>,
+    /// `Cookie`, all lines joined with `; ` (a copy only when there are several).
+    pub cookie: Option<Cow<'a, str>>,
     /// `If-Modified-Since`.
-    pub if_modified_since: Option<String>,
+    pub if_modified_since: Option<&'a str>,
     /// `If-None-Match`.
-    pub if_none_match: Option<String>,
+    pub if_none_match: Option<&'a str>,
     /// `Last-Event-ID`.
-    pub last_event_id: Option<String>,
+    pub last_event_id: Option<&'a str>,
     /// `Origin`.
-    pub origin: Option<String>,
+    pub origin: Option<&'a str>,
     /// `Content-Type`.
-    pub content_type: Option<String>,
+    pub content_type: Option<&'a str>,
     /// `Accept`.
-    pub accept: Option<String>,
+    pub accept: Option<&'a str>,
     /// `Authorization`.
-    pub authorization: Option<String>,
+    pub authorization: Option<&'a str>,
 }
 
-impl Request {
+impl Request<'_> {
     /// The method, `Other` when unknown.
     pub fn method(&self) -> Method {
         self.method.unwrap_or(Method::Other)
@@ -79,7 +82,7 @@ const fn fail(status: u16, reason: &'static str) -> HttpError {
 
 /// Parses one request head at the start of `buf`. Ok(None): not all there yet. Ok(Some((req,
 /// n))): the head used `n` bytes; `req.content_length` body bytes follow.
-pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option<(Request, usize)>, HttpError> {
+pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option<(Request<'_>, usize)>, HttpError> {
     // Leading blank lines between pipelined requests are allowed (RFC 9112 2.2).
     let skip = buf.iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
     if skip >= max_head {
@@ -127,7 +130,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
     let mut r = Request {
         method: Some(method),
         path,
-        query: query.to_string(),
+        query,
         http10,
         keep_alive: !http10,
         ..Request::default()
@@ -162,8 +165,8 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
             return Err(fail(501, "Transfer-Encoding is not supported; send Content-Length"));
         } else if name.eq_ignore_ascii_case("cookie") {
             r.cookie = Some(match r.cookie.take() {
-                Some(c) => format!("{c}; {value}"),
-                None => value.to_string(),
+                Some(c) => Cow::Owned(format!("{c}; {value}")),
+                None => Cow::Borrowed(value),
             });
         } else {
             let slot = if name.eq_ignore_ascii_case("if-modified-since") {
@@ -183,7 +186,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
             } else {
                 continue;
             };
-            *slot = Some(value.to_string());
+            *slot = Some(value);
         }
     }
     r.content_length = content_length.unwrap_or(0);
@@ -202,10 +205,11 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Decodes `%XX` (and `+` as space in query strings). None on a broken escape or non-UTF-8 result.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+/// Decodes `%XX` (and `+` as space in query strings). None on a broken escape or non-UTF-8
+/// result. Text without escapes is returned as it is, not copied.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<Cow<'_, str>> {
     if !s.contains('%') && !(plus_is_space && s.contains('+')) {
-        return Some(s.to_string());
+        return Some(Cow::Borrowed(s));
     }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -228,11 +232,11 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
             }
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 /// The value of query argument `key`: None when absent, Some(None) when badly encoded.
-pub fn query_arg(query: &str, key: &str) -> Option<Option<String>> {
+pub fn query_arg<'a>(query: &'a str, key: &str) -> Option<Option<Cow<'a, str>>> {
     if query.is_empty() {
         // Most polls have no query; this is asked several times per poll.
         return None;
@@ -259,10 +263,10 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 /// `If-Modified-Since` / `If-None-Match` pair.
 pub fn cursor(req: &Request) -> Result<Option<MsgId>, HttpError> {
     let bad = fail(400, "bad cursor: expected <unix-time>:<tag> or an HTTP date");
-    let compound = match query_arg(&req.query, "last_event_id") {
+    let compound = match query_arg(req.query, "last_event_id") {
         Some(Some(v)) => Some(v),
         Some(None) => return Err(bad),
-        None => req.last_event_id.clone(),
+        None => req.last_event_id.map(Cow::Borrowed),
     };
     if let Some(v) = compound {
         let (t, tag) = v.split_once(':').ok_or(bad)?;
@@ -271,9 +275,9 @@ pub fn cursor(req: &Request) -> Result<Option<MsgId>, HttpError> {
             _ => Err(bad),
         };
     }
-    let Some(ims) = &req.if_modified_since else { return Ok(None) };
+    let Some(ims) = req.if_modified_since else { return Ok(None) };
     let time = time::parse_http_date(ims).ok_or(bad)?;
-    let tag = match &req.if_none_match {
+    let tag = match req.if_none_match {
         None => 0,
         Some(v) => {
             let v = v.trim().trim_start_matches("W/").trim_matches('"');
@@ -398,7 +402,7 @@ mod tests {
 
     const MAX: usize = 8192;
 
-    fn parse(b: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
+    fn parse(b: &[u8]) -> Result<Option<(Request<'_>, usize)>, HttpError> {
         parse_head(b, MAX, 1 << 20)
     }
 
@@ -429,7 +433,7 @@ mod tests {
             }
             let (r, n) = parse(c.input).unwrap().unwrap();
             assert_eq!(n, c.input.len());
-            assert_eq!((r.method(), r.path.as_str(), r.query.as_str(), r.keep_alive), (c.method, c.path, c.query, c.keep_alive));
+            assert_eq!((r.method(), &*r.path, r.query, r.keep_alive), (c.method, c.path, c.query, c.keep_alive));
             // Pipelined: the head's length stops at its own end.
             let mut two = c.input.to_vec();
             two.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
@@ -481,15 +485,15 @@ mod tests {
 
     #[test]
     fn cursors() {
-        let req = |q: &str, ims: Option<&str>, inm: Option<&str>, lei: Option<&str>| Request {
-            query: q.into(),
-            if_modified_since: ims.map(Into::into),
-            if_none_match: inm.map(Into::into),
-            last_event_id: lei.map(Into::into),
+        let req = |query: &'static str, if_modified_since: Option<&'static str>, if_none_match: Option<&'static str>, last_event_id: Option<&'static str>| Request {
+            query,
+            if_modified_since,
+            if_none_match,
+            last_event_id,
             ..Request::default()
         };
         let date = "Thu, 01 Jan 1970 00:01:40 GMT";
-        let table: Vec<(Request, Result<Option<MsgId>, u16>)> = vec![
+        let table: Vec<(Request<'_>, Result<Option<MsgId>, u16>)> = vec![
             (req("", None, None, None), Ok(None)),
             (req("last_event_id=100:2", None, None, None), Ok(Some(MsgId { time: 100, tag: 2 }))),
             (req("last_event_id=100%3A2", None, None, None), Ok(Some(MsgId { time: 100, tag: 2 }))),

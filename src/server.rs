@@ -19,6 +19,7 @@ use crate::{debug, http, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -63,6 +64,9 @@ pub const PRESENCE_CHANNEL: &str = "__presence__";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from one connection in one turn before others get theirs.
 const READ_BUDGET: usize = 1 << 20;
+
+/// Largest emptied input buffer kept as the spare (a poll's head is a few hundred bytes).
+const SPARE_INBUF_MAX: usize = 4096;
 
 /// Extra time a shutdown waits for the last store batch.
 const STORE_SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
@@ -168,7 +172,7 @@ pub struct Server {
     /// The argument ranges of the control command being parsed (see `resp::parse_frame`).
     pub(crate) resp_spans: Vec<std::ops::Range<usize>>,
     /// Holds a publish answered, waiting for their presence bookkeeping (kept for its memory).
-    ended_holds: Vec<Box<Hold>>,
+    ended_holds: Vec<Hold>,
     /// Store operations waiting for the next batch.
     store_batch: Vec<crate::store::Op>,
     /// A store batch is being written.
@@ -227,6 +231,9 @@ pub struct Server {
     /// appended to the connection's own buffer. Between reads it is lent to `OutQueue::flush` to
     /// gather a small answer into one write.
     scratch: Box<[u8]>,
+    /// One emptied input buffer of a poll that went on hold, for the next connection that
+    /// reads: a subscriber's next poll then costs no allocation (`free_inbuf`).
+    spare_inbuf: Vec<u8>,
     handle: Handle,
     /// When accepting may resume after running out of descriptors.
     accept_paused_until: Option<Instant>,
@@ -369,6 +376,7 @@ impl Server {
             dead: Vec::new(),
             yielded: Vec::new(),
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            spare_inbuf: Vec::new(),
             handle: Handle { waker, shutdown: Arc::new(AtomicBool::new(false)) },
             accept_paused_until: None,
             accept_failures: 0,
@@ -727,7 +735,7 @@ impl Server {
     }
 
     /// Continues a poll once its access is known.
-    pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll, verdict: Verdict) {
+    pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll<'_>, verdict: Verdict) {
         match verdict {
             Verdict::Allow(user) => self.hold(t, p, user),
             Verdict::Deny(status) => {
@@ -740,7 +748,7 @@ impl Server {
     }
 
     /// Sends a poll's access check to the pool. A full queue answers 503 at once.
-    pub(crate) fn submit_check(&mut self, t: usize, p: PendingPoll, task: worker::Task) {
+    pub(crate) fn submit_check(&mut self, t: usize, p: PendingPoll<'_>, task: worker::Task) {
         let stamp = self.stamp();
         match self.pool.submit(Ticket { token: t, stamp }, task) {
             Ok(()) => {
@@ -749,7 +757,7 @@ impl Server {
                 p.generation = self.auth_generation;
                 let Some(c) = self.conns.get_mut(t) else { return };
                 c.stamp = stamp;
-                c.phase = Phase::Authorizing(Box::new(p));
+                c.phase = Phase::Authorizing(Box::new(p.into_owned()));
                 self.timers.job.push_back(Timer { at: self.now + self.cfg.workers.job_timeout, token: t, stamp });
             }
             Err(worker::Busy) => {
@@ -877,6 +885,9 @@ impl Server {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
+                    if c.inbuf.capacity() == 0 {
+                        c.inbuf = std::mem::take(&mut self.spare_inbuf);
+                    }
                     c.inbuf.extend_from_slice(&self.scratch[..n]);
                     if c.inbuf.len() == n && n < c.inbuf.capacity() / 4 {
                         c.inbuf.shrink_to_fit();
@@ -948,60 +959,70 @@ impl Server {
             if c.dead || c.close_after_write || c.store_wait || c.out.len() > limits.max_output_bytes / 2 {
                 return;
             }
-            match &c.phase {
+            let waiting = match c.phase {
                 Phase::Held(_) | Phase::Authorizing(_) => return,
-                Phase::Body(req) => {
-                    let need = req.content_length;
-                    if c.inbuf.len() < need {
-                        return;
-                    }
-                    let body: Vec<u8> = c.inbuf.drain(..need).collect();
-                    let Phase::Body(req) = std::mem::replace(&mut c.phase, Phase::Idle) else { unreachable!() };
-                    self.request(t, *req, body);
+                Phase::Body(need) => need,
+                Phase::Idle | Phase::Head => 0,
+            };
+            if c.inbuf.is_empty() || c.inbuf.len() < waiting {
+                return;
+            }
+            // The request is handled in place: the input buffer is lent to it, and nothing a
+            // request does touches its own connection's input. Its head is parsed again once
+            // its body is all there (a POST waits for its body; a poll has none).
+            let inbuf = std::mem::take(&mut c.inbuf);
+            let used = match http::parse_head(&inbuf, limits.max_head_bytes, limits.max_message_bytes) {
+                Ok(Some((req, n))) if inbuf.len() >= n + req.content_length => {
+                    let whole = n + req.content_length;
+                    c.phase = Phase::Idle;
+                    self.request(t, req, &inbuf[n..whole]);
+                    whole
                 }
-                Phase::Idle | Phase::Head => {
-                    if c.inbuf.is_empty() {
-                        return;
+                Ok(partial) => {
+                    // A head, or a body, still on its way. The body is on the same clock as
+                    // the head (which started at its first byte): a stalled sender is cut.
+                    let fresh = matches!(c.phase, Phase::Idle);
+                    c.phase = match partial {
+                        Some((req, n)) => Phase::Body(n + req.content_length),
+                        None => Phase::Head,
+                    };
+                    c.inbuf = inbuf;
+                    if fresh {
+                        let stamp = self.stamp();
+                        self.set_stamp(t, stamp);
+                        self.timers.head.push_back(Timer { at: self.now + limits.head_timeout, token: t, stamp });
                     }
-                    match http::parse_head(&c.inbuf, limits.max_head_bytes, limits.max_message_bytes) {
-                        Ok(None) => {
-                            if matches!(c.phase, Phase::Idle) {
-                                c.phase = Phase::Head;
-                                let stamp = self.stamp();
-                                self.set_stamp(t, stamp);
-                                self.timers.head.push_back(Timer { at: self.now + limits.head_timeout, token: t, stamp });
-                            }
-                            return;
-                        }
-                        Err(e) => {
-                            debug!("bad request from {}: {} {}", c.peer, e.status, e.reason);
-                            self.counters.rejected += 1;
-                            self.respond(t, e.status, "", e.reason.as_bytes(), false);
-                            return;
-                        }
-                        Ok(Some((req, n))) => {
-                            c.inbuf.drain(..n);
-                            if req.content_length > 0 {
-                                // The body is on the same clock as the head: a stalled sender is cut.
-                                let fresh = matches!(c.phase, Phase::Idle);
-                                c.phase = Phase::Body(Box::new(req));
-                                if fresh {
-                                    let stamp = self.stamp();
-                                    self.set_stamp(t, stamp);
-                                    self.timers.head.push_back(Timer { at: self.now + limits.head_timeout, token: t, stamp });
-                                }
-                            } else {
-                                c.phase = Phase::Idle;
-                                self.request(t, req, Vec::new());
-                            }
-                        }
-                    }
+                    return;
                 }
+                Err(e) => {
+                    c.inbuf = inbuf;
+                    debug!("bad request from {}: {} {}", c.peer, e.status, e.reason);
+                    self.counters.rejected += 1;
+                    self.respond(t, e.status, "", e.reason.as_bytes(), false);
+                    return;
+                }
+            };
+            let Some(c) = self.conns.get_mut(t) else { return };
+            let mut inbuf = inbuf;
+            inbuf.drain(..used);
+            if inbuf.is_empty() && matches!(c.phase, Phase::Held(_)) {
+                self.free_inbuf(inbuf);
+            } else {
+                c.inbuf = inbuf;
             }
         }
     }
 
-    fn request(&mut self, t: usize, req: http::Request, body: Vec<u8>) {
+    /// Takes the emptied input buffer of a poll going on hold. Nothing is read while a poll is
+    /// held, perhaps for minutes, so the buffer does not stay with it: one is kept as the spare
+    /// for the next connection that reads, any other goes back to the allocator.
+    fn free_inbuf(&mut self, buf: Vec<u8>) {
+        if self.spare_inbuf.capacity() == 0 && buf.capacity() <= SPARE_INBUF_MAX {
+            self.spare_inbuf = buf;
+        }
+    }
+
+    fn request(&mut self, t: usize, req: http::Request<'_>, body: &[u8]) {
         let stamp = self.stamp();
         self.set_stamp(t, stamp);
         match self.conns[t].kind {
@@ -1076,23 +1097,29 @@ impl Server {
 
     /// Holds a poll, or answers it at once with a buffered message. Either way the session
     /// counts as polling (online, and on the channel) from now.
-    pub fn hold(&mut self, t: usize, p: PendingPoll, user: Option<String>) {
+    pub fn hold(&mut self, t: usize, p: PendingPoll<'_>, user: Option<String>) {
         let id = self.stamp();
-        let user = if p.sid.is_empty() { None } else { user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone())) };
-        // A session the application vouched for (opened it, or an access check named its user)
-        // is always tracked; a cookie nobody vouched for only while there is room, so made-up
-        // cookies cannot grow presence without bound.
-        let vouched = user.is_some() || (!p.sid.is_empty() && self.hub.session(&p.sid).is_some());
-        let cap = if vouched { usize::MAX } else { self.cfg.limits.max_connections };
-        let tracked = self.presence.poll_started_capped(&p.sid, user.as_deref(), &p.channel, id, t, cap, &mut self.events);
         let mut p = p;
-        if !tracked {
-            // Counted as anonymous: it must end as anonymous too.
-            p.sid.clear();
+        // An anonymous poll counts only while it is held: one answered at once from the buffer
+        // (a client catching up) leaves no trace in presence, and costs it nothing.
+        let anonymous = p.sid.is_empty();
+        if !anonymous {
+            let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
+            // A session the application vouched for (opened it, or an access check named its
+            // user) is always tracked; a cookie nobody vouched for only while there is room, so
+            // made-up cookies cannot grow presence without bound.
+            let vouched = user.is_some() || self.hub.session(&p.sid).is_some();
+            let cap = if vouched { usize::MAX } else { self.cfg.limits.max_connections };
+            if !self.presence.poll_started_capped(&p.sid, user.as_deref(), &p.channel, id, t, cap, &mut self.events) {
+                // Counted as anonymous: it must end as anonymous too.
+                p.sid = Cow::Borrowed("");
+            }
         }
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
             crate::hub::Poll::Message(m, skipped) => {
-                self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
+                if !anonymous {
+                    self.presence.poll_ended(&p.sid, &p.channel, id, self.now);
+                }
                 if skipped {
                     // The cursor is older than the buffer: say so (nchan skips silently).
                     let mut lines = p.lines.to_vec();
@@ -1111,15 +1138,18 @@ impl Server {
                 self.answer_message(t, &p.lines, m, p.keep_alive)
             }
             crate::hub::Poll::Held(name) => {
+                if anonymous {
+                    self.presence.poll_started("", None, &name, id, t, &mut self.events);
+                }
                 let Some(c) = self.conns.get_mut(t) else { return };
                 c.stamp = id;
                 if c.inbuf.is_empty() {
-                    // Nothing is read while the poll is held, perhaps for minutes: the request's
-                    // buffer goes back to the allocator rather than sit in every held poll.
-                    c.inbuf = Vec::new();
+                    let inbuf = std::mem::take(&mut c.inbuf);
+                    self.free_inbuf(inbuf);
                 }
+                let Some(c) = self.conns.get_mut(t) else { return };
                 let PendingPoll { sid, echo, lines, keep_alive, .. } = p;
-                c.phase = Phase::Held(Box::new(Hold { id, channel: name, sid: sid.into(), cursor: echo, lines, keep_alive }));
+                c.phase = Phase::Held(Hold { id, channel: name, sid: sid.into(), cursor: echo, lines, keep_alive });
                 self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp: id });
             }
         }
@@ -1226,14 +1256,14 @@ impl Server {
     }
 
     /// Takes the held poll of connection `t` if it is still hold `id`.
-    fn take_hold(&mut self, t: usize, id: u64) -> Option<Box<Hold>> {
+    fn take_hold(&mut self, t: usize, id: u64) -> Option<Hold> {
         let h = self.detach_hold(t, id)?;
         self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
         Some(h)
     }
 
     /// `take_hold` without the presence bookkeeping, which the caller owes.
-    fn detach_hold(&mut self, t: usize, id: u64) -> Option<Box<Hold>> {
+    fn detach_hold(&mut self, t: usize, id: u64) -> Option<Hold> {
         let c = self.conns.get_mut(t)?;
         match &c.phase {
             Phase::Held(h) if h.id == id && !c.dead => {}

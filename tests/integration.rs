@@ -808,6 +808,31 @@ fn request_sent_byte_by_byte_is_served() {
 }
 
 #[test]
+fn publish_body_arriving_in_pieces_is_kept_whole() {
+    // The head is parsed in place and again once the body is all there: the pieces below stop
+    // inside the head, between head and body, and inside the body, with a second POST pipelined
+    // behind the first.
+    let d = Daemon::start();
+    let first = request("POST", "/pub/pieces", &[BEARER, ("Content-Type", "text/x-first")], "0123456789abcdefghij");
+    let second = request("POST", "/pub/pieces%2Dtwo", &[BEARER], "second body");
+    let all = format!("{first}{second}");
+    let head_end = first.find("\r\n\r\n").unwrap() + 4;
+    let cuts = [10, head_end - 1, head_end, head_end + 7, first.len() + 3, all.len()];
+    let mut c = d.admin();
+    let mut at = 0;
+    for cut in cuts {
+        c.send(&all[at..cut]);
+        at = cut;
+        thread::sleep(ms(30));
+    }
+    assert_eq!(c.response().status, 202);
+    assert_eq!(c.response().status, 202);
+    let mut b = d.browser();
+    assert_message(&b.request(&get("/sub/pieces", &[("If-None-Match", "0")])), "0123456789abcdefghij", "text/x-first");
+    assert_message(&b.request(&get("/sub/pieces-two", &[("If-None-Match", "0")])), "second body", "text/plain");
+}
+
+#[test]
 fn client_disconnect_releases_held_poll() {
     let d = Daemon::start();
     let poll = hold(&d, "/sub/gone", &[]);
