@@ -65,7 +65,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from one connection in one turn before others get theirs.
 const READ_BUDGET: usize = 1 << 20;
 
-/// Largest emptied input buffer kept as the spare (a poll's head is a few hundred bytes).
+/// Largest emptied input buffer kept as the spare (a poll's head is a few hundred bytes; a
+/// backend's pipelined commands a few KiB).
 const SPARE_INBUF_MAX: usize = 4096;
 
 /// Extra time a shutdown waits for the last store batch.
@@ -231,8 +232,7 @@ pub struct Server {
     /// appended to the connection's own buffer. Between reads it is lent to `OutQueue::flush` to
     /// gather a small answer into one write.
     scratch: Box<[u8]>,
-    /// One emptied input buffer of a poll that went on hold, for the next connection that
-    /// reads: a subscriber's next poll then costs no allocation (`free_inbuf`).
+    /// One emptied input buffer, for the next connection that reads (`free_inbuf`).
     spare_inbuf: Vec<u8>,
     handle: Handle,
     /// When accepting may resume after running out of descriptors.
@@ -889,9 +889,6 @@ impl Server {
                         c.inbuf = std::mem::take(&mut self.spare_inbuf);
                     }
                     c.inbuf.extend_from_slice(&self.scratch[..n]);
-                    if c.inbuf.len() == n && n < c.inbuf.capacity() / 4 {
-                        c.inbuf.shrink_to_fit();
-                    }
                     // A short read emptied the socket: skip the read that would only say
                     // WouldBlock (a syscall per request). New data raises a new edge. After the
                     // peer's FIN was signalled, read on to see the 0.
@@ -927,6 +924,12 @@ impl Server {
                 self.respond(t, 413, "", b"request too large", false);
             }
             return;
+        }
+        let Some(c) = self.conns.get_mut(t) else { return };
+        if c.inbuf.is_empty() && c.inbuf.capacity() > 0 {
+            // Everything read is handled: the buffer goes back until the next read.
+            let inbuf = std::mem::take(&mut c.inbuf);
+            self.free_inbuf(inbuf);
         }
         let Some(c) = self.conns.get_mut(t) else { return };
         if c.eof && !c.dead {
@@ -1005,17 +1008,15 @@ impl Server {
             let Some(c) = self.conns.get_mut(t) else { return };
             let mut inbuf = inbuf;
             inbuf.drain(..used);
-            if inbuf.is_empty() && matches!(c.phase, Phase::Held(_)) {
-                self.free_inbuf(inbuf);
-            } else {
-                c.inbuf = inbuf;
-            }
+            c.inbuf = inbuf;
         }
     }
 
-    /// Takes the emptied input buffer of a poll going on hold. Nothing is read while a poll is
-    /// held, perhaps for minutes, so the buffer does not stay with it: one is kept as the spare
-    /// for the next connection that reads, any other goes back to the allocator.
+    /// Takes back an emptied input buffer. A connection has one only while it holds unparsed
+    /// bytes: an idle keep-alive connection or a held poll (perhaps for minutes) keeps none. One
+    /// small buffer is kept as the spare for the next connection that reads, so a subscriber's
+    /// next poll costs no allocation and lands in memory the loop touched a moment ago; any
+    /// other goes back to the allocator.
     fn free_inbuf(&mut self, buf: Vec<u8>) {
         if self.spare_inbuf.capacity() == 0 && buf.capacity() <= SPARE_INBUF_MAX {
             self.spare_inbuf = buf;
