@@ -8,7 +8,8 @@
 //! * slowloris connections, silent connections and idle keep-alive connections are closed on time;
 //! * `max_connections` and running out of descriptors (EMFILE) refuse new peers without hurting
 //!   the existing ones or spinning the CPU;
-//! * slow readers (a backend, a browser) cost the daemon a bounded amount of memory;
+//! * slow readers (a backend, a browser) cost the daemon a bounded amount of memory, and idle
+//!   backends that once sent a large command keep no input buffer;
 //! * connection churn (half of it ended with RST) leaves descriptors and memory at their baseline.
 //!
 //! The heavy tests take one process-wide lock so they do not skew each other's timings and memory
@@ -1614,4 +1615,27 @@ fn churn_leaves_no_descriptors_or_memory() {
     assert_eq!(info["held_polls"], "0");
     assert!(fds1 <= fds0 + 2, "descriptors {fds0} -> {fds1} after churn");
     assert!(rss1 <= rss0 + 2048, "VmRSS {rss0} -> {rss1} kB after churn");
+}
+
+/// A backend that sent a large `PUBLISH` and then sits idle keeps no input buffer: 40 connections
+/// each publish one message of almost 1 MiB and stay open, and the daemon's RSS does not grow by
+/// their 40 MiB of input (the channel keeps one message: `buffer_length = 1`).
+#[test]
+fn idle_backends_keep_no_input_buffer() {
+    let _g = heavy();
+    let d = Daemon::start_with(&base().set("channels", "buffer_length", "1"));
+    let body = "x".repeat(1_000_000);
+    let mut first = d.backend();
+    assert_eq!(first.cmd(&["PUBLISH", "big", &body]).to_string(), ":0");
+    let before = rss_kb(d.pid());
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        let mut b = d.backend();
+        assert_eq!(b.cmd(&["PUBLISH", "big", &body]).to_string(), ":0");
+        idle.push(b);
+    }
+    let grown = rss_kb(d.pid()).saturating_sub(before);
+    assert!(grown < 16 * 1024, "VmRSS grew by {grown} kB with 40 idle backends that each sent 1 MB once");
+    // They are still served.
+    assert_eq!(idle[39].cmd(&["PING"]).to_string(), "+PONG");
 }
