@@ -231,6 +231,31 @@ impl OutQueue {
     }
 }
 
+/// The state of a backend connection on the control port.
+#[derive(Default)]
+pub struct Backend {
+    /// Authenticated as this token name.
+    pub auth: Option<Box<str>>,
+    /// Failed `AUTH` commands on this connection.
+    pub auth_failures: u8,
+    /// `CLIENT SETNAME` value.
+    pub name: Option<Box<str>>,
+    /// Channels this backend is subscribed to (`SUBSCRIBE`): it is in pub/sub mode when any.
+    pub subs: std::collections::HashSet<Box<str>>,
+}
+
+impl Conn {
+    /// The backend state of a control connection (made on first use).
+    pub fn backend(&mut self) -> &mut Backend {
+        self.backend.get_or_insert_with(Default::default)
+    }
+
+    /// Whether this is a backend subscribed to channels (pub/sub mode).
+    pub fn subscribed(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| !b.subs.is_empty())
+    }
+}
+
 /// A connection.
 pub struct Conn {
     /// Unique for the daemon's life (slab tokens are reused; this is not).
@@ -254,16 +279,11 @@ pub struct Conn {
     pub close_after_write: bool,
     /// The socket may have unread bytes (edge-triggered readiness not yet drained).
     pub readable: bool,
-    /// Backend authenticated as this token name (RESP/admin).
-    pub auth: Option<Box<str>>,
+    /// What only a backend (control) connection has; browsers, most of the connections, carry
+    /// none of it.
+    pub backend: Option<Box<Backend>>,
     /// A reply waits for the store to commit (`fsync = "always"`); nothing more is read meanwhile.
     pub store_wait: bool,
-    /// Failed `AUTH` commands on this connection.
-    pub auth_failures: u8,
-    /// `CLIENT SETNAME` value.
-    pub name: Option<Box<str>>,
-    /// Channels this backend is subscribed to (`SUBSCRIBE`): it is in pub/sub mode when any.
-    pub subs: std::collections::HashSet<Box<str>>,
     /// The peer closed its side (read returned 0).
     pub eof: bool,
     /// The poller signalled the peer's FIN or an error: read until the 0.

@@ -119,8 +119,8 @@ impl Server {
         let argc = args.len();
         // Client libraries send SELECT / CLIENT SETNAME / COMMAND while connecting, sometimes
         // before AUTH; they touch nothing but this connection, so they need no token.
-        let authed = self.cfg.tokens.is_empty() || self.conns[t].auth.is_some();
-        let subscribed = !self.conns[t].subs.is_empty();
+        let authed = self.cfg.tokens.is_empty() || self.conns[t].backend.as_ref().is_some_and(|b| b.auth.is_some());
+        let subscribed = self.conns[t].subscribed();
         if matches!(upper, "POST" | "HOST:") {
             // As Redis: an HTTP request on this port is a browser tricked into talking to it
             // (cross-protocol scripting). Close without a word.
@@ -261,14 +261,15 @@ impl Server {
         if let Some(n) = name {
             let c = &mut self.conns[t];
             crate::info!("backend {} authenticated as {n}", c.peer);
-            c.auth = Some(n.into());
+            c.backend().auth = Some(n.into());
             return Reply::Simple("OK");
         }
         let blocked = self.guard.failed(ip, self.now);
         let c = &mut self.conns[t];
-        c.auth = None;
-        c.auth_failures = c.auth_failures.saturating_add(1);
-        if u32::from(c.auth_failures) >= crate::guard::MAX_FAILURES_PER_CONNECTION {
+        let b = c.backend();
+        b.auth = None;
+        b.auth_failures = b.auth_failures.saturating_add(1);
+        if u32::from(b.auth_failures) >= crate::guard::MAX_FAILURES_PER_CONNECTION {
             c.close_after_write = true;
         }
         let peer = c.peer;
@@ -282,14 +283,14 @@ impl Server {
         let mut o = Vec::new();
         for ch in chans {
             let name = String::from_utf8_lossy(ch).into_owned();
-            let c = &mut self.conns[t];
-            if c.subs.insert(name.as_str().into()) {
+            let subs = &mut self.conns[t].backend().subs;
+            if subs.insert(name.as_str().into()) {
                 self.backend_subs.entry(name.as_str().into()).or_default().insert(t);
             }
             resp::array_len(&mut o, 3);
             resp::bulk(&mut o, b"subscribe");
             resp::bulk(&mut o, name.as_bytes());
-            resp::integer(&mut o, self.conns[t].subs.len() as i64);
+            resp::integer(&mut o, self.conns[t].backend().subs.len() as i64);
         }
         Reply::Raw(o)
     }
@@ -297,7 +298,7 @@ impl Server {
     /// `UNSUBSCRIBE [ch ...]` (none: all).
     fn unsubscribe(&mut self, t: usize, chans: &[&[u8]]) -> Reply {
         let names: Vec<Box<str>> = if chans.is_empty() {
-            self.conns[t].subs.iter().cloned().collect()
+            self.conns[t].backend().subs.iter().cloned().collect()
         } else {
             chans.iter().map(|c| String::from_utf8_lossy(c).into_owned().into_boxed_str()).collect()
         };
@@ -309,7 +310,7 @@ impl Server {
             resp::integer(&mut o, 0);
         }
         for name in names {
-            self.conns[t].subs.remove(&name);
+            self.conns[t].backend().subs.remove(&name);
             if let Some(set) = self.backend_subs.get_mut(&name) {
                 set.remove(&t);
                 if set.is_empty() {
@@ -319,7 +320,7 @@ impl Server {
             resp::array_len(&mut o, 3);
             resp::bulk(&mut o, b"unsubscribe");
             resp::bulk(&mut o, name.as_bytes());
-            resp::integer(&mut o, self.conns[t].subs.len() as i64);
+            resp::integer(&mut o, self.conns[t].backend().subs.len() as i64);
         }
         Reply::Raw(o)
     }
@@ -445,10 +446,10 @@ impl Server {
         let c = &mut self.conns[t];
         match (sub.as_str(), args.len()) {
             ("SETNAME", 2) => {
-                c.name = Some(String::from_utf8_lossy(&args[1]).into());
+                c.backend().name = Some(String::from_utf8_lossy(&args[1]).into());
                 Reply::Simple("OK")
             }
-            ("GETNAME", 1) => match &c.name {
+            ("GETNAME", 1) => match &c.backend().name {
                 Some(n) => Reply::Bulk(n.as_bytes().to_vec()),
                 None => Reply::Null,
             },

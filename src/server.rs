@@ -478,7 +478,7 @@ impl Server {
                     self.hub.cancel(&h.channel, h.id);
                     self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
                 }
-                for ch in &c.subs {
+                for ch in c.backend.iter().flat_map(|b| &b.subs) {
                     if let Some(set) = self.backend_subs.get_mut(ch) {
                         set.remove(&t);
                         if set.is_empty() {
@@ -831,11 +831,8 @@ impl Server {
             stamp: id,
             close_after_write: false,
             readable: true,
-            auth: None,
+            backend: None,
             store_wait: false,
-            auth_failures: 0,
-            name: None,
-            subs: Default::default(),
             eof: false,
             hup: false,
             write_blocked: 0,
