@@ -244,18 +244,6 @@ pub struct Backend {
     pub subs: std::collections::HashSet<Box<str>>,
 }
 
-impl Conn {
-    /// The backend state of a control connection (made on first use).
-    pub fn backend(&mut self) -> &mut Backend {
-        self.backend.get_or_insert_with(Default::default)
-    }
-
-    /// Whether this is a backend subscribed to channels (pub/sub mode).
-    pub fn subscribed(&self) -> bool {
-        self.backend.as_ref().is_some_and(|b| !b.subs.is_empty())
-    }
-}
-
 /// A connection.
 pub struct Conn {
     /// Unique for the daemon's life (slab tokens are reused; this is not).
@@ -296,6 +284,18 @@ pub struct Conn {
     pub dead: bool,
     /// When the connection was accepted.
     pub since: Instant,
+}
+
+impl Conn {
+    /// The backend state of a control connection (made on first use).
+    pub fn backend(&mut self) -> &mut Backend {
+        self.backend.get_or_insert_with(Default::default)
+    }
+
+    /// Whether this is a backend subscribed to channels (pub/sub mode).
+    pub fn subscribed(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| !b.subs.is_empty())
+    }
 }
 
 #[cfg(test)]

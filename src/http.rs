@@ -261,7 +261,7 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 /// A message cursor from a request: Ok(None) when the request carries none, Err on a malformed
 /// one. `last_event_id` (query) wins over `Last-Event-ID`, which wins over the
 /// `If-Modified-Since` / `If-None-Match` pair.
-pub fn cursor(req: &Request) -> Result<Option<MsgId>, HttpError> {
+pub fn cursor(req: &Request<'_>) -> Result<Option<MsgId>, HttpError> {
     let bad = fail(400, "bad cursor: expected <unix-time>:<tag> or an HTTP date");
     let compound = match query_arg(req.query, "last_event_id") {
         Some(Some(v)) => Some(v),
