@@ -372,12 +372,18 @@ impl Server {
                 Err(()) => Reply::Error("ERR no such session: open it with SESSION.OPEN first".into()),
                 Ok(added) => {
                     self.presence.join(sid, channel, &mut self.events);
+                    if added {
+                        self.store_join(true, sid, channel);
+                    }
                     Reply::Int(added as i64)
                 }
             }
         } else {
             let removed = self.hub.leave(sid, channel);
             self.presence.leave(sid, channel, &mut self.events);
+            if removed {
+                self.store_join(false, sid, channel);
+            }
             Reply::Int(removed as i64)
         }
     }

@@ -298,10 +298,14 @@ impl Server {
         if let Some((path, fsync)) = &cfg.store {
             // At start, before anything is accepted: the one time the loop thread reads the store.
             let c = crate::store::open(path, *fsync).map_err(|e| StartError(format!("store.path: cannot open {}: {e}", path.display())))?;
-            let (msgs, dropped, sessions) =
+            let crate::store::Loaded { messages: msgs, dropped, sessions, joins } =
                 crate::store::load(&c).map_err(|e| StartError(format!("store.path: cannot read {}: {e}", path.display())))?;
             for (sid, user) in sessions {
                 hub.open_session(&sid, user);
+            }
+            for (sid, channel) in joins {
+                // A join whose session is gone (closed in a batch that did not land) is dropped.
+                let _ = hub.join(&sid, &channel);
             }
             let now = crate::time::unix_now();
             let n = msgs.len();
@@ -545,6 +549,16 @@ impl Server {
     pub fn store_session_closed(&mut self, sid: &str) {
         if self.cfg.store.is_some() {
             self.store_batch.push(crate::store::Op::SessionClosed { sid: sid.to_string() });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Records a `JOIN` or `LEAVE` for the store, so a restarted daemon still copies the shared
+    /// channel's messages to the session's private stream.
+    pub fn store_join(&mut self, join: bool, sid: &str, channel: &str) {
+        if self.cfg.store.is_some() {
+            let (sid, channel) = (sid.to_string(), channel.to_string());
+            self.store_batch.push(if join { crate::store::Op::Join { sid, channel } } else { crate::store::Op::Leave { sid, channel } });
             self.store_seq += 1;
         }
     }

@@ -39,8 +39,12 @@ pub enum Op {
     Delete { channel: String },
     /// A session was opened (or its user id changed).
     Session { sid: String, user: Option<String> },
-    /// A session was closed or kicked.
+    /// A session was closed or kicked (its joins go with it).
     SessionClosed { sid: String },
+    /// A session was joined to a shared channel (`JOIN`).
+    Join { sid: String, channel: String },
+    /// A session left a shared channel (`LEAVE`).
+    Leave { sid: String, channel: String },
 }
 
 /// A stored message, as `load` returns it.
@@ -72,14 +76,25 @@ pub fn open(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
              content_type TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (channel, time, tag)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS comet_channels (channel TEXT PRIMARY KEY, dropped_time INTEGER NOT NULL,
              dropped_tag INTEGER NOT NULL) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS comet_sessions (sid TEXT PRIMARY KEY, user TEXT) WITHOUT ROWID;",
+         CREATE TABLE IF NOT EXISTS comet_sessions (sid TEXT PRIMARY KEY, user TEXT) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS comet_joins (sid TEXT NOT NULL, channel TEXT NOT NULL,
+             PRIMARY KEY (sid, channel)) WITHOUT ROWID;",
     )?;
     Ok(c)
 }
 
-/// What `load` returns: messages by channel then id, each channel's newest dropped id, and the
-/// open sessions with their user ids.
-pub type Loaded = (Vec<Stored>, Vec<(String, MsgId)>, Vec<(String, Option<String>)>);
+/// What `load` returns.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The messages, by channel then id.
+    pub messages: Vec<Stored>,
+    /// Each channel's newest dropped id.
+    pub dropped: Vec<(String, MsgId)>,
+    /// The open sessions with their user ids.
+    pub sessions: Vec<(String, Option<String>)>,
+    /// The shared channels each session is joined to: (session, channel).
+    pub joins: Vec<(String, String)>,
+}
 
 /// Everything stored.
 pub fn load(c: &Connection) -> rusqlite::Result<Loaded> {
@@ -100,7 +115,9 @@ pub fn load(c: &Connection) -> rusqlite::Result<Loaded> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut s = c.prepare("SELECT sid, user FROM comet_sessions")?;
     let sessions = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
-    Ok((msgs, dropped, sessions))
+    let mut s = c.prepare("SELECT sid, channel FROM comet_joins")?;
+    let joins = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded { messages: msgs, dropped, sessions, joins })
 }
 
 /// Applies a batch in one transaction.
@@ -129,6 +146,13 @@ pub fn apply(c: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
             }
             Op::SessionClosed { sid } => {
                 tx.prepare_cached("DELETE FROM comet_sessions WHERE sid = ?1")?.execute(params![sid])?;
+                tx.prepare_cached("DELETE FROM comet_joins WHERE sid = ?1")?.execute(params![sid])?;
+            }
+            Op::Join { sid, channel } => {
+                tx.prepare_cached("INSERT OR IGNORE INTO comet_joins (sid, channel) VALUES (?1, ?2)")?.execute(params![sid, channel])?;
+            }
+            Op::Leave { sid, channel } => {
+                tx.prepare_cached("DELETE FROM comet_joins WHERE sid = ?1 AND channel = ?2")?.execute(params![sid, channel])?;
             }
         }
     }
@@ -159,14 +183,20 @@ mod tests {
                 Op::Delete { channel: "b".into() },
                 Op::Session { sid: "s1".into(), user: Some("7".into()) },
                 Op::Session { sid: "s2".into(), user: None },
+                Op::Join { sid: "s1".into(), channel: "goods".into() },
+                Op::Join { sid: "s1".into(), channel: "news".into() },
+                Op::Join { sid: "s1".into(), channel: "news".into() },
+                Op::Leave { sid: "s1".into(), channel: "news".into() },
+                Op::Join { sid: "s2".into(), channel: "goods".into() },
                 Op::SessionClosed { sid: "s2".into() },
             ],
         )
         .unwrap();
         drop(c);
         let c = open(&path, Fsync::Always).unwrap();
-        let (msgs, dropped, sessions) = load(&c).unwrap();
+        let Loaded { messages: msgs, dropped, sessions, joins } = load(&c).unwrap();
         assert_eq!(sessions, [("s1".to_string(), Some("7".to_string()))]);
+        assert_eq!(joins, [("s1".to_string(), "goods".to_string())]);
         assert_eq!(msgs.len(), 1);
         assert_eq!((msgs[0].channel.as_str(), msgs[0].id, msgs[0].body.as_slice()), ("a", id(11, 0), &b"a2"[..]));
         assert_eq!(dropped, [("a".to_string(), id(10, 1))]);

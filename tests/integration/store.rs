@@ -154,3 +154,35 @@ fn sessions_survive_a_restart() {
     let r = d.browser().request(&get("/sub/@me", &[("Cookie", "PHPSESSID=bob1")]));
     assert_eq!(r.status, 403, "a closed session stays closed");
 }
+
+#[test]
+fn joins_survive_a_restart() {
+    let dir = temp_dir();
+    let store = dir.join("store.sqlite");
+    let cfg = config(&store, "always");
+    let mut d = Daemon::start_with(&cfg);
+    let mut b = d.backend();
+    for sid in ["carol1", "dave1"] {
+        assert_eq!(b.cmd(&["SESSION.OPEN", sid]).to_string(), "+OK");
+    }
+    assert_eq!(b.cmd(&["JOIN", "carol1", "goods"]).to_string(), ":1");
+    assert_eq!(b.cmd(&["JOIN", "carol1", "news"]).to_string(), ":1");
+    assert_eq!(b.cmd(&["LEAVE", "carol1", "news"]).to_string(), ":1");
+    assert_eq!(b.cmd(&["JOIN", "dave1", "goods"]).to_string(), ":1");
+    assert_eq!(b.cmd(&["SESSION.CLOSE", "dave1"]).to_string(), ":1");
+    d.sigterm();
+    assert!(d.wait_exit(Duration::from_secs(8)).is_some_and(|s| s.success()));
+
+    let d = Daemon::start_with(&cfg);
+    let mut b = d.backend();
+    // Still joined: a message on the shared channel reaches carol's private stream.
+    assert_eq!(b.cmd(&["PUBLISH", "goods", "price 7"]).to_string(), ":0");
+    let r = d.browser().request(&get("/sub/@me", &[("Cookie", "PHPSESSID=carol1")]));
+    assert_eq!((r.status, r.text()), (200, "price 7".to_string()), "the join survived: {r}");
+    assert_eq!(r.header("X-Comet-Channel"), Some("goods"), "{r}");
+    // What was left is not joined again, and a closed session's joins are gone with it.
+    assert_eq!(b.cmd(&["JOIN", "carol1", "news"]).to_string(), ":1", "news was left before the restart");
+    assert_eq!(b.cmd(&["JOIN", "carol1", "goods"]).to_string(), ":0", "goods is still joined");
+    assert_eq!(b.cmd(&["SESSION.OPEN", "dave1"]).to_string(), "+OK");
+    assert_eq!(b.cmd(&["JOIN", "dave1", "goods"]).to_string(), ":1", "dave's join went with his session");
+}
