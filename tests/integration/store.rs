@@ -3,11 +3,12 @@
 //! missed, once, in order.
 
 use crate::common::*;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-fn config(store: &Path, fsync: &str) -> Config {
+/// A daemon's config with a store of its own (a fresh temp dir) and the given `fsync`.
+fn config(fsync: &str) -> Config {
+    let store = temp_dir().join("store.sqlite");
     Config::default()
         .set("store", "path", &format!("{:?}", store.display().to_string()))
         .set("store", "fsync", &format!("{fsync:?}"))
@@ -38,9 +39,7 @@ fn walk(d: &Daemon, channel: &str, mut cursor: Option<(String, String)>) -> (Vec
 
 #[test]
 fn sigterm_restart_keeps_buffers_and_cursors() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "everysec");
+    let cfg = config("everysec");
     let mut d = Daemon::start_with(&cfg);
     for i in 0..5 {
         d.publish("goods", &format!("m{i}"));
@@ -66,9 +65,7 @@ fn sigterm_restart_keeps_buffers_and_cursors() {
 
 #[test]
 fn kill_9_with_fsync_always_loses_no_acknowledged_message() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "always");
+    let cfg = config("always");
     let mut d = Daemon::start_with(&cfg);
     let mut backend = d.backend();
     let mut acked = Vec::new();
@@ -92,9 +89,7 @@ fn kill_9_with_fsync_always_loses_no_acknowledged_message() {
 
 #[test]
 fn cursor_older_than_the_buffer_is_told_it_skipped() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "everysec").set("channels", "buffer_length", "3");
+    let cfg = config("everysec").set("channels", "buffer_length", "3");
     let mut d = Daemon::start_with(&cfg);
     d.publish("goods", "first");
     let r = d.browser().request(&get("/sub/goods", &[]));
@@ -117,9 +112,7 @@ fn cursor_older_than_the_buffer_is_told_it_skipped() {
 
 #[test]
 fn deleted_channels_stay_deleted_after_restart() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "always");
+    let cfg = config("always");
     let mut d = Daemon::start_with(&cfg);
     d.publish("gone", "x");
     d.publish("kept", "y");
@@ -136,9 +129,7 @@ fn deleted_channels_stay_deleted_after_restart() {
 
 #[test]
 fn sessions_survive_a_restart() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "always");
+    let cfg = config("always");
     let mut d = Daemon::start_with(&cfg);
     let mut b = d.backend();
     assert_eq!(b.cmd(&["SESSION.OPEN", "alice1", "alice"]).to_string(), "+OK");
@@ -157,9 +148,7 @@ fn sessions_survive_a_restart() {
 
 #[test]
 fn joins_survive_a_restart() {
-    let dir = temp_dir();
-    let store = dir.join("store.sqlite");
-    let cfg = config(&store, "always");
+    let cfg = config("always");
     let mut d = Daemon::start_with(&cfg);
     let mut b = d.backend();
     for sid in ["carol1", "dave1"] {
