@@ -360,8 +360,8 @@ pub fn message_tail(id: MsgId, date: &str, channel: &str, content_type: &str, bo
     // Assembled from pieces into an exact-size buffer: this runs once per publish, and the
     // formatting machinery and a shrinking reallocation were a tenth of a PUBLISH's cost.
     let (mut tag, mut len) = ([0u8; 20], [0u8; 20]);
-    let tag = decimal(u64::from(id.tag), &mut tag);
-    let len = decimal(body.len() as u64, &mut len);
+    let tag = crate::resp::digits(u64::from(id.tag), &mut tag);
+    let len = crate::resp::digits(body.len() as u64, &mut len);
     let parts: [&[u8]; 12] = [
         b"Last-Modified: ",
         date.as_bytes(),
@@ -381,19 +381,6 @@ pub fn message_tail(id: MsgId, date: &str, channel: &str, content_type: &str, bo
         v.extend_from_slice(p);
     }
     v
-}
-
-/// Writes `n` in decimal at the end of `buf`; returns the digits.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 #[cfg(test)]

@@ -413,18 +413,22 @@ fn line(out: &mut Vec<u8>, prefix: u8, s: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
+fn decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(digits(n, &mut [0u8; 20]));
+}
+
+/// Writes `n` in decimal at the end of `buf`; returns the digits (also used by
+/// `http::message_tail`).
+pub(crate) fn digits(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
     loop {
         i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+        buf[i] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
-            break;
+            return &buf[i..];
         }
     }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// `+OK\r\n`. CR/LF inside `s` are replaced by spaces, as for [`error`].
@@ -819,6 +823,7 @@ mod tests {
             (|o| integer(o, -42), b":-42\r\n"),
             (|o| integer(o, i64::MAX), b":9223372036854775807\r\n"),
             (|o| integer(o, i64::MIN), b":-9223372036854775808\r\n"),
+            (|o| decimal(o, u64::MAX), b"18446744073709551615"),
             (|o| bulk(o, b"abc"), b"$3\r\nabc\r\n"),
             (|o| bulk(o, b""), b"$0\r\n\r\n"),
             (|o| bulk(o, b"\r\n\0"), b"$3\r\n\r\n\0\r\n"),
