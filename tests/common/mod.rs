@@ -274,11 +274,27 @@ impl Daemon {
 
     /// `start_with`, with extra environment variables for the daemon.
     pub fn start_with_env(config: &Config, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(config, |path| {
+            let mut c = Command::new(comet_bin());
+            c.envs(env.iter().copied()).arg("--config").arg(path);
+            c
+        })
+    }
+
+    /// `start_with`, the daemon limited to `nofile` open files (`ulimit -n`, through bash).
+    pub fn start_with_nofile(config: &Config, nofile: u32) -> Daemon {
+        Daemon::spawn(config, |path| {
+            let mut c = Command::new("bash");
+            c.arg("-c").arg(format!("ulimit -n {nofile} && exec \"$0\" --config \"$1\"")).arg(comet_bin()).arg(path);
+            c
+        })
+    }
+
+    /// Writes the config, runs the command `command(config path)` makes (which must end up
+    /// exec'ing comet), and waits for the `ready` line.
+    fn spawn(config: &Config, command: impl FnOnce(&Path) -> Command) -> Daemon {
         let (dir, path) = write_config(&config.text());
-        let mut child = Command::new(comet_bin())
-            .envs(env.iter().copied())
-            .arg("--config")
-            .arg(&path)
+        let mut child = command(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

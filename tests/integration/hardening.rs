@@ -22,9 +22,9 @@
 
 use crate::common::*;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
@@ -865,6 +865,17 @@ fn endless_blank_lines_are_refused_like_an_oversized_head() {
     assert_eq!(refused, n, "CRLF floods were buffered instead of refused (431) past max_head_bytes = 8192");
 }
 
+/// Sends `frame` from a second thread (it may be larger than the socket buffers) while waiting
+/// up to 5 s for the reply; returns the reply and how the write went.
+fn send_big(r: &mut Resp, frame: Vec<u8>) -> (std::io::Result<Reply>, Result<(), String>) {
+    let mut w = r.stream.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let writer = thread::spawn(move || w.write_all(&frame).map_err(|e| e.to_string()));
+    r.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reply = r.try_reply();
+    (reply, writer.join().unwrap())
+}
+
 /// A RESP command within the caps (each bulk <= max_message_bytes, <= 1024 arguments) but larger
 /// than the input buffer cap (max_head_bytes + max_message_bytes + 16 KiB) must be answered or
 /// refused, not left hanging forever with the connection stuck.
@@ -872,15 +883,8 @@ fn endless_blank_lines_are_refused_like_an_oversized_head() {
 fn control_frame_over_the_input_cap_is_not_left_hanging() {
     let _g = heavy();
     let d = Daemon::start_with(&base().set("limits", "max_message_bytes", "1048576"));
-    let mut r = d.backend();
     let big = vec![b'a'; 1_000_000];
-    let frame = encode(&[b"PUBLISH", &big, &big]);
-    let mut w = r.stream.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    let writer = thread::spawn(move || w.write_all(&frame).map_err(|e| e.to_string()));
-    r.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let reply = r.try_reply();
-    let wrote = writer.join().unwrap();
+    let (reply, wrote) = send_big(&mut d.backend(), encode(&[b"PUBLISH", &big, &big]));
     println!("2 MB PUBLISH (1 MB channel id, 1 MB message): write {wrote:?}, reply {reply:?}");
     match reply {
         Ok(Reply::Error(e)) => assert!(e.contains("invalid channel id") || e.contains("Protocol"), "{e}"),
@@ -889,16 +893,9 @@ fn control_frame_over_the_input_cap_is_not_left_hanging() {
         Err(e) => panic!("no reply and no close within 5 s ({e}); the daemon stopped reading at its input cap and the command hangs (write: {wrote:?})"),
     }
     // A command with many arguments, each within the caps, is the same case.
-    let mut r2 = d.backend();
     let arg = vec![b'b'; 1100];
     let args: Vec<&[u8]> = std::iter::once(&b"ECHO"[..]).chain(std::iter::repeat(&arg[..]).take(1000)).collect();
-    let frame = encode(&args);
-    let mut w = r2.stream.try_clone().unwrap();
-    w.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    let writer = thread::spawn(move || w.write_all(&frame).map_err(|e| e.to_string()));
-    r2.stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let reply = r2.try_reply();
-    let wrote = writer.join().unwrap();
+    let (reply, wrote) = send_big(&mut d.backend(), encode(&args));
     println!("ECHO with 1000 x 1100-byte arguments (1.1 MB): write {wrote:?}, reply {reply:?}");
     match reply {
         Ok(Reply::Error(_)) => {}
@@ -1203,79 +1200,11 @@ fn max_connections_refuses_the_51st_with_503() {
     assert!(info["rejected_connections"].parse::<u64>().unwrap() >= 3);
 }
 
-/// A daemon started under `ulimit -n`, for the EMFILE test (the harness spawns comet directly).
-struct Ulimited {
-    child: Child,
-    browser: SocketAddr,
-    control: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
-    _dir: std::path::PathBuf,
-}
-
-impl Drop for Ulimited {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!("--- comet stderr (last 30 lines) ---\n{}", {
-                let l = self.logs.lock().unwrap();
-                l[l.len().saturating_sub(30)..].join("\n")
-            });
-        }
-        let _ = std::fs::remove_dir_all(&self._dir);
-    }
-}
-
-fn start_ulimited(cfg: &Config, nofile: u32) -> Ulimited {
-    let (dir, path) = write_config(&cfg.text());
-    let script = format!("ulimit -n {nofile} && exec \"$0\" --config \"$1\"");
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(script)
-        .arg(comet_bin())
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bash -c 'ulimit -n; exec comet'");
-    let stderr = child.stderr.take().unwrap();
-    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (tx, rx) = mpsc::channel();
-    {
-        let logs = logs.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                logs.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("no ready line from the ulimited comet: {:?}", logs.lock().unwrap())
-        });
-        if let Some(at) = line.find("ready browser=") {
-            let addr = |k: &str| -> SocketAddr {
-                line[at..]
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("ready line lacks {k}: {line}"))
-            };
-            return Ulimited { browser: addr("browser"), control: addr("control"), child, logs, _dir: dir };
-        }
-    }
-}
-
 #[test]
 fn out_of_descriptors_does_not_spin_or_hurt_existing_connections() {
     let _g = heavy();
-    let u = start_ulimited(&base(), 128);
-    let pid = u.child.id();
+    let u = Daemon::start_with_nofile(&base(), 128);
+    let pid = u.pid();
     let mut backend = Resp::connect(u.control);
     assert_eq!(backend.cmd(&["AUTH", TOKEN]).to_string(), "+OK");
     backend.cmd(&["PUBLISH", "ready", "r"]);
@@ -1290,7 +1219,7 @@ fn out_of_descriptors_does_not_spin_or_hurt_existing_connections() {
     let cpu0 = cpu_secs(pid);
     thread::sleep(Duration::from_secs(1));
     let cpu = cpu_secs(pid) - cpu0;
-    let warnings = u.logs.lock().unwrap().iter().filter(|l| l.contains("accept")).count();
+    let warnings = u.logs().iter().filter(|l| l.contains("accept")).count();
     println!("EMFILE: daemon fds {fds0} -> {at_limit} (limit 128); CPU over 1 s at the limit: {cpu:.2} s; accept warnings so far: {warnings}");
     assert!(cpu < 0.2, "the daemon used {cpu:.2} s of CPU in 1 s while out of descriptors: it spins");
     assert!(at_limit >= 120, "the daemon should be at its descriptor limit, has {at_limit}");
