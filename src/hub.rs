@@ -109,8 +109,8 @@ pub struct Session {
 
 #[derive(Default)]
 struct Channel {
-    /// Its name, shared with the hub's map key and the expiry queue (set on first publish).
-    name: Option<Arc<str>>,
+    /// Its name: the hub's map key, shared with the expiry queue, drops and held polls.
+    name: Arc<str>,
     /// Buffered messages, oldest first, ids increasing.
     messages: VecDeque<Arc<Message>>,
     /// Id of the last message ever published here, kept after the buffer empties so ids stay
@@ -128,11 +128,6 @@ struct Channel {
 }
 
 impl Channel {
-    /// Its name as shared by the expiry queue, drops and held polls (made once, on first need).
-    fn key(&mut self, name: &str) -> Arc<str> {
-        self.name.get_or_insert_with(|| Arc::from(name)).clone()
-    }
-
     fn is_idle(&self) -> bool {
         self.messages.is_empty() && self.waiters.is_empty()
     }
@@ -200,6 +195,12 @@ pub fn valid_session(s: &str) -> bool {
     valid_channel(s, 120)
 }
 
+/// Makes channel `name`, which keeps its map key: the expiry queue, drops and held polls share it.
+fn add_channel<'a>(channels: &'a mut HashMap<Arc<str>, Channel>, name: &str) -> &'a mut Channel {
+    let key: Arc<str> = Arc::from(name);
+    channels.entry(key.clone()).or_insert_with(|| Channel { name: key, ..Channel::default() })
+}
+
 impl Hub {
     /// An empty hub with the buffer limits.
     pub fn new(buffer_length: usize, ttl: u64) -> Hub {
@@ -228,10 +229,7 @@ impl Hub {
         self.expire(now);
         let ch = match self.channels.get_mut(name) {
             Some(ch) => ch,
-            None => {
-                let key: Arc<str> = Arc::from(name);
-                self.channels.entry(key.clone()).or_insert_with(|| Channel { name: Some(key), ..Channel::default() })
-            }
+            None => add_channel(&mut self.channels, name),
         };
         ch.last_requested = Some(now);
         let (next, skipped) = match cursor {
@@ -254,7 +252,7 @@ impl Hub {
         }
         ch.waiters.insert(hold, token);
         self.held += 1;
-        Poll::Held(ch.key(name))
+        Poll::Held(ch.name.clone())
     }
 
     /// Tells the hub the second the daemon started (see `poll`).
@@ -273,11 +271,10 @@ impl Hub {
         if id.time.saturating_add(self.ttl) <= now {
             return;
         }
-        let key: Arc<str> = match self.channels.get_key_value(name) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(name),
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => add_channel(&mut self.channels, name),
         };
-        let ch = self.channels.entry(key.clone()).or_default();
         if ch.last_id.is_some_and(|l| l >= id) {
             return;
         }
@@ -297,7 +294,7 @@ impl Hub {
         // Expiry runs from the message's own time, not from the restart.
         let at = id.time.saturating_add(self.ttl);
         ch.expiry_queued = ch.expiry_queued.max(at);
-        self.expiry.push_back((at, key));
+        self.expiry.push_back((at, ch.name.clone()));
     }
 
     /// Restores what a channel had dropped before a restart (for the skipped-messages header).
@@ -344,13 +341,11 @@ impl Hub {
     /// private channel; the copy's `X-Comet-Channel` header names the origin).
     pub fn publish_from(&mut self, name: &str, origin: &str, content_type: &str, body: &[u8], now: u64) -> (Arc<Message>, Waiters) {
         self.expire(now);
-        // One lookup when the channel exists (the common case); the key is kept in the channel
-        // so the expiry queue can share it.
-        if !self.channels.contains_key(name) {
-            let key: Arc<str> = Arc::from(name);
-            self.channels.insert(key.clone(), Channel { name: Some(key), ..Channel::default() });
-        }
-        let Some(ch) = self.channels.get_mut(name) else { unreachable!("inserted above") };
+        // One lookup when the channel exists (the common case).
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => add_channel(&mut self.channels, name),
+        };
         let id = match ch.last_id {
             // Same second, or a clock that stepped back: keep the time, raise the tag.
             Some(last) if last.time >= now => match last.tag.checked_add(1) {
@@ -374,7 +369,7 @@ impl Hub {
             if let Some(old) = ch.messages.pop_front() {
                 ch.dropped = Some(old.id);
                 if self.track_drops {
-                    let key = ch.key(name);
+                    let key = ch.name.clone();
                     self.drops.push((key, old.id));
                 }
             }
@@ -386,7 +381,7 @@ impl Hub {
         let at = now.saturating_add(self.ttl);
         if at > ch.expiry_queued {
             ch.expiry_queued = at;
-            let key = ch.key(name);
+            let key = ch.name.clone();
             self.expiry.push_back((at, key));
             if self.expiry.len() > 2 * self.buffered + 1024 {
                 self.compact_expiry();
