@@ -203,6 +203,35 @@ impl OutQueue {
         Ok(true)
     }
 
+    /// Sends a small answer of a few parts straight from `scratch` when nothing is queued ahead
+    /// of it, the common case of a delivery to a waiting socket: no chunk is queued and no
+    /// reference count is taken. What the socket does not take is queued as owned bytes.
+    /// Ok(false) when output is already queued or the answer is larger than the scratch: the
+    /// caller queues it as chunks.
+    pub fn write_direct(&mut self, w: &mut impl Write, scratch: &mut [u8], parts: &[&[u8]]) -> io::Result<bool> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if self.len > 0 || total > GATHER_BELOW.min(scratch.len()) {
+            return Ok(false);
+        }
+        let mut n = 0;
+        for p in parts {
+            scratch[n..n + p.len()].copy_from_slice(p);
+            n += p.len();
+        }
+        let written = loop {
+            match w.write(&scratch[..n]) {
+                Ok(k) => break k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if written < n {
+            self.push(Chunk::Own(scratch[written..n].to_vec()));
+        }
+        Ok(true)
+    }
+
     /// The bytes still to write, chunk by chunk (the first one less what is already written).
     fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
         self.chunks.iter().enumerate().map(|(i, c)| if i == 0 { &c.bytes()[self.offset..] } else { c.bytes() })
@@ -378,5 +407,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_direct_answer_queues_only_what_the_socket_did_not_take() {
+        let parts: [&[u8]; 3] = [b"head;", b"", b"message-tail"];
+        let want = b"head;message-tail";
+        // (bytes the socket takes per call, WouldBlock every n calls): all of it, part, none.
+        for (per_call, block_every) in [(usize::MAX, 0), (7, 0), (1, 0), (usize::MAX, 1)] {
+            let mut q = OutQueue::default();
+            let mut sink = Sink { got: Vec::new(), per_call, block_every, calls: 0, slices: Vec::new() };
+            let mut scratch = vec![0; 64];
+            assert_eq!(q.write_direct(&mut sink, &mut scratch, &parts).unwrap(), true);
+            let took = sink.got.len();
+            assert_eq!(sink.calls, 1, "one write, however much it took");
+            assert_eq!(q.len(), want.len() - took);
+            assert_eq!(q.chunks.len(), usize::from(took < want.len()), "the rest is one owned chunk");
+            sink.block_every = 0;
+            while !q.flush(&mut sink, &mut scratch).unwrap() {}
+            assert_eq!(sink.got, want, "{per_call} bytes per call, block every {block_every}");
+        }
+        // Output already queued goes first, and an answer larger than the scratch is left to the
+        // caller to queue as chunks: neither writes anything.
+        let mut sink = Sink { got: Vec::new(), per_call: usize::MAX, block_every: 0, calls: 0, slices: Vec::new() };
+        let mut q = OutQueue::default();
+        q.append(|o| o.extend_from_slice(b"earlier"));
+        assert_eq!(q.write_direct(&mut sink, &mut vec![0; 64], &parts).unwrap(), false);
+        let mut q = OutQueue::default();
+        assert_eq!(q.write_direct(&mut sink, &mut vec![0; 8], &parts).unwrap(), false);
+        assert_eq!((sink.calls, q.len()), (0, 0));
     }
 }

@@ -91,9 +91,11 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
     }
     let data = &buf[skip..];
     let limit = data.len().min(max_head);
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let n = match req.parse(&data[..limit]) {
+    // Left uninitialised: httparse fills only the lines the head has, and zeroing 64 slots
+    // (2 KiB) for every poll cost more than parsing its three or four header lines.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let n = match req.parse_with_uninit_headers(&data[..limit], &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if data.len() >= max_head => {
             return Err(fail(431, "request head too large"))
@@ -137,63 +139,100 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
     };
     let mut content_length: Option<usize> = None;
     for h in req.headers.iter() {
+        // Most of a browser's header lines (User-Agent, Accept-Language, Sec-Fetch-*) are none of
+        // those read here: they are passed over on their name, their value never looked at.
+        let Some(field) = Field::of(h.name) else { continue };
         let value = match std::str::from_utf8(h.value) {
             Ok(v) => v.trim(),
             // Non-UTF-8 header values are legal octets but none of the headers we read can carry them.
             Err(_) => return Err(fail(400, "header value is not valid text")),
         };
-        let name = h.name;
-        if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
-                if token.eq_ignore_ascii_case("close") {
-                    r.keep_alive = false;
-                } else if token.eq_ignore_ascii_case("keep-alive") && http10 {
-                    r.keep_alive = true;
+        let slot = match field {
+            Field::Connection => {
+                for token in value.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        r.keep_alive = false;
+                    } else if token.eq_ignore_ascii_case("keep-alive") && http10 {
+                        r.keep_alive = true;
+                    }
                 }
-            }
-        } else if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = match value.parse() {
-                Ok(n) if value.bytes().all(|b| b.is_ascii_digit()) => n,
-                _ => return Err(fail(400, "bad Content-Length")),
-            };
-            if content_length.is_some_and(|c| c != n) {
-                return Err(fail(400, "conflicting Content-Length headers"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            // Bodies are for publishing only; publishers send Content-Length (curl -d, PHP).
-            return Err(fail(501, "Transfer-Encoding is not supported; send Content-Length"));
-        } else if name.eq_ignore_ascii_case("cookie") {
-            r.cookie = Some(match r.cookie.take() {
-                Some(c) => Cow::Owned(format!("{c}; {value}")),
-                None => Cow::Borrowed(value),
-            });
-        } else {
-            let slot = if name.eq_ignore_ascii_case("if-modified-since") {
-                &mut r.if_modified_since
-            } else if name.eq_ignore_ascii_case("if-none-match") {
-                &mut r.if_none_match
-            } else if name.eq_ignore_ascii_case("last-event-id") {
-                &mut r.last_event_id
-            } else if name.eq_ignore_ascii_case("origin") {
-                &mut r.origin
-            } else if name.eq_ignore_ascii_case("content-type") {
-                &mut r.content_type
-            } else if name.eq_ignore_ascii_case("accept") {
-                &mut r.accept
-            } else if name.eq_ignore_ascii_case("authorization") {
-                &mut r.authorization
-            } else {
                 continue;
-            };
-            *slot = Some(value);
-        }
+            }
+            Field::ContentLength => {
+                let n: usize = match value.parse() {
+                    Ok(n) if value.bytes().all(|b| b.is_ascii_digit()) => n,
+                    _ => return Err(fail(400, "bad Content-Length")),
+                };
+                if content_length.is_some_and(|c| c != n) {
+                    return Err(fail(400, "conflicting Content-Length headers"));
+                }
+                content_length = Some(n);
+                continue;
+            }
+            // Bodies are for publishing only; publishers send Content-Length (curl -d, PHP).
+            Field::TransferEncoding => return Err(fail(501, "Transfer-Encoding is not supported; send Content-Length")),
+            Field::Cookie => {
+                r.cookie = Some(match r.cookie.take() {
+                    Some(c) => Cow::Owned(format!("{c}; {value}")),
+                    None => Cow::Borrowed(value),
+                });
+                continue;
+            }
+            Field::IfModifiedSince => &mut r.if_modified_since,
+            Field::IfNoneMatch => &mut r.if_none_match,
+            Field::LastEventId => &mut r.last_event_id,
+            Field::Origin => &mut r.origin,
+            Field::ContentType => &mut r.content_type,
+            Field::Accept => &mut r.accept,
+            Field::Authorization => &mut r.authorization,
+        };
+        *slot = Some(value);
     }
     r.content_length = content_length.unwrap_or(0);
     if r.content_length > max_body {
         return Err(fail(413, "body too large"));
     }
     Ok(Some((r, skip + n)))
+}
+
+/// The header lines `parse_head` reads.
+#[derive(Clone, Copy)]
+enum Field {
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    Cookie,
+    IfModifiedSince,
+    IfNoneMatch,
+    LastEventId,
+    Origin,
+    ContentType,
+    Accept,
+    Authorization,
+}
+
+impl Field {
+    /// The field a header name is, in any case; None for the lines not read. The length and the
+    /// first letter pick the one candidate to compare with.
+    fn of(name: &str) -> Option<Field> {
+        // ASCII letters lower-cased; any other byte fails the comparison below anyway.
+        let first = name.as_bytes().first()? | 0x20;
+        let (field, want) = match (name.len(), first) {
+            (6, b'c') => (Field::Cookie, "cookie"),
+            (6, b'o') => (Field::Origin, "origin"),
+            (6, b'a') => (Field::Accept, "accept"),
+            (10, b'c') => (Field::Connection, "connection"),
+            (12, b'c') => (Field::ContentType, "content-type"),
+            (13, b'i') => (Field::IfNoneMatch, "if-none-match"),
+            (13, b'l') => (Field::LastEventId, "last-event-id"),
+            (13, b'a') => (Field::Authorization, "authorization"),
+            (14, b'c') => (Field::ContentLength, "content-length"),
+            (17, b'i') => (Field::IfModifiedSince, "if-modified-since"),
+            (17, b't') => (Field::TransferEncoding, "transfer-encoding"),
+            _ => return None,
+        };
+        name.eq_ignore_ascii_case(want).then_some(field)
+    }
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -280,7 +319,13 @@ pub fn cursor(req: &Request<'_>) -> Result<Option<MsgId>, HttpError> {
     let tag = match req.if_none_match {
         None => 0,
         Some(v) => {
-            let v = v.trim().trim_start_matches("W/").trim_matches('"');
+            // Weak markers stripped as `trim_start_matches("W/")` would, without its substring
+            // searcher (built per call, it was a visible part of a poll's cost).
+            let mut v = v.trim();
+            while let Some(rest) = v.strip_prefix("W/") {
+                v = rest;
+            }
+            let v = v.trim_matches('"');
             v.parse().map_err(|_| bad)?
         }
     };
@@ -440,6 +485,21 @@ mod tests {
         assert_eq!(r.origin.as_deref(), Some("http://s"));
         assert_eq!(r.authorization.as_deref(), Some("Bearer t"));
         assert_eq!(cursor(&r), Ok(Some(MsgId { time: 10, tag: 3 })));
+        // Names in any case; lines not read pass whatever octets they carry; names of the same
+        // length as a read one are not mistaken for it.
+        let (r, _) = parse(
+            b"GET /sub/x HTTP/1.1\r\nUser-Agent: caf\xe9\r\nORIGIN: http://o\r\nIF-NONE-MATCH: 5\r\nif-modified-since: Thu, 01 Jan 1970 00:00:10 GMT\r\nAccepts: no\r\nOrigine: no\r\nConnectioN: close\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((r.origin, r.accept, r.keep_alive), (Some("http://o"), None, false));
+        assert_eq!(cursor(&r), Ok(Some(MsgId { time: 10, tag: 5 })));
+        for name in ["cookiE", "origin", "accept", "Connection", "content-type", "if-none-match", "Last-Event-ID", "authorization", "content-length", "If-Modified-Since", "transfer-encoding"] {
+            assert!(Field::of(name).is_some(), "{name}");
+        }
+        for name in ["cookies", "host", "accepx", "x-origin", "range", "if-match", "content-lengths", "", "\u{e9}ookie"] {
+            assert!(Field::of(name).is_none(), "{name}");
+        }
     }
 
     #[test]
@@ -456,6 +516,8 @@ mod tests {
             (b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\n", 413),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            (b"POST / HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n", 501),
+            (b"GET / HTTP/1.1\r\nCookie: s=\xff\r\n\r\n", 400),
             (b"GET /a%zz HTTP/1.1\r\n\r\n", 400),
             (b"GET /a%ff HTTP/1.1\r\n\r\n", 400),
             (b"GET noslash HTTP/1.1\r\n\r\n", 400),

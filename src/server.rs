@@ -1147,7 +1147,7 @@ impl Server {
                         return self.answer_batch(t, &p.lines, batch, p.keep_alive);
                     }
                 }
-                self.answer_message(t, &p.lines, m, p.keep_alive)
+                self.answer_message(t, &p.lines, &m, p.keep_alive)
             }
             crate::hub::Poll::Held(name) => {
                 if anonymous {
@@ -1167,14 +1167,25 @@ impl Server {
         }
     }
 
-    fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: Arc<Message>, keep_alive: bool) {
+    fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: &Arc<Message>, keep_alive: bool) {
         self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
-        c.out.push(Chunk::Shared(self.ok_heads[usize::from(keep_alive)].clone()));
-        if !lines.is_empty() {
-            c.out.push(Chunk::Shared(lines.clone()));
+        let head = &self.ok_heads[usize::from(keep_alive)];
+        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[head, lines, &m.http_tail]) {
+            Ok(true) => {}
+            Ok(false) => {
+                c.out.push(Chunk::Shared(head.clone()));
+                if !lines.is_empty() {
+                    c.out.push(Chunk::Shared(lines.clone()));
+                }
+                c.out.push(Chunk::Msg(m.clone()));
+            }
+            Err(e) => {
+                debug!("write to {} failed: {e}", c.peer);
+                self.kill(t);
+                return;
+            }
         }
-        c.out.push(Chunk::Msg(m));
         self.finish_request(t, keep_alive);
     }
 
@@ -1326,7 +1337,7 @@ impl Server {
         let mut ended = std::mem::take(&mut self.ended_holds);
         for (id, t) in waiters {
             if let Some(h) = self.detach_hold(t, id) {
-                self.answer_message(t, &h.lines, msg.clone(), h.keep_alive);
+                self.answer_message(t, &h.lines, &msg, h.keep_alive);
                 ended.push(h);
             }
         }

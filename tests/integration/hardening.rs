@@ -1355,6 +1355,57 @@ fn slow_backend_subscriber_is_cut_at_max_output_bytes() {
 }
 
 #[test]
+fn answers_the_socket_takes_in_part_are_finished_in_order() {
+    // A small answer goes straight from the loop's scratch buffer to the socket, and what the
+    // socket does not take is queued. A client pipelining thousands of polls, each answered at
+    // once, and reading none of it for a while fills its socket somewhere inside an answer; every
+    // answer must still arrive whole and in order once it reads.
+    let _g = heavy();
+    let cfg = base().set("limits", "max_message_bytes", "1024").set("limits", "max_output_bytes", "65536");
+    let d = Daemon::start_with(&cfg);
+    d.publish("small", "m1");
+    let poll = get("/sub/small", &[("If-Modified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")]);
+    // The length of one answer (all are the same message; the Date line has a fixed width).
+    let mut one = d.browser();
+    one.send(&poll);
+    let r = one.response();
+    assert_eq!((r.status, &r.body[..]), (200, &b"m1"[..]));
+    let mut probe = TcpStream::connect(d.browser).unwrap();
+    probe.write_all(poll.as_bytes()).unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\r\n\r\nm1") {
+        let n = probe.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let len = answer.len();
+
+    const POLLS: usize = 40_000;
+    let mut s = TcpStream::connect(d.browser).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let batch = poll.repeat(POLLS);
+    let writer = thread::spawn(move || w.write_all(batch.as_bytes()));
+    // Meanwhile the answers fill both sockets' buffers, then the connection's queue, and the
+    // daemon stops reading its requests until this client reads.
+    thread::sleep(ms(500));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::with_capacity(POLLS * len);
+    let mut buf = vec![0u8; 1 << 16];
+    while got.len() < POLLS * len {
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("after {} bytes of {}: {e}", got.len(), POLLS * len));
+        assert!(n > 0, "closed after {} bytes of {}", got.len(), POLLS * len);
+        got.extend_from_slice(&buf[..n]);
+    }
+    writer.join().unwrap().unwrap();
+    assert_eq!(got.len(), POLLS * len, "nothing after the last answer");
+    for (i, a) in got.chunks(len).enumerate() {
+        assert!(a.starts_with(b"HTTP/1.1 200 OK\r\n") && a.ends_with(b"\r\n\r\nm1"), "answer {i}: {:?}", String::from_utf8_lossy(a));
+    }
+}
+
+#[test]
 fn pipelining_browser_that_never_reads_costs_bounded_memory() {
     let _g = heavy();
     let cfg = base()
