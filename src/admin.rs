@@ -90,7 +90,7 @@ impl Server {
                 sid: "".into(),
                 cursor,
                 echo,
-                lines: std::sync::Arc::from(&b""[..]),
+                lines: None,
                 keep_alive: ka,
                 multipart: false,
                 asked: self.now,

@@ -100,7 +100,7 @@ impl Server {
                             let Target { channel, sid, cursor, echo } = target;
                             let multipart = req.accept.is_some_and(|a| a.contains("multipart/mixed"))
                                 || http::query_arg(req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
-                            let p = PendingPoll { channel, sid: Cow::Borrowed(sid), cursor, echo, lines: if cors.is_empty() { self.empty_lines.clone() } else { Arc::from(cors.as_bytes()) }, keep_alive, multipart, asked: self.now, generation: 0 };
+                            let p = PendingPoll { channel, sid: Cow::Borrowed(sid), cursor, echo, lines: (!cors.is_empty()).then(|| Arc::from(cors.as_bytes())), keep_alive, multipart, asked: self.now, generation: 0 };
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),
@@ -124,7 +124,8 @@ impl Server {
     /// How this poll's access is decided: private channels were checked by `subscribe_target`;
     /// then open patterns, a signed key, the mode, the cache, and last a worker job.
     fn access(&mut self, t: usize, req: &Request<'_>, target: &Target<'_>) -> Access {
-        let a = self.auth_cfg.clone();
+        // Borrowed while the poll is decided here; only a check sent to a worker takes a reference.
+        let a = &*self.auth_cfg;
         let (channel, sid) = (&*target.channel, target.sid);
         if channel.starts_with(hub::SESSION_PREFIX) || a.open_channels.iter().any(|p| auth::pattern_match(p, channel)) {
             return Access::Open;
@@ -151,6 +152,7 @@ impl Server {
             return Access::Cached(v);
         }
         let (sid, channel) = (sid.to_string(), channel.to_string());
+        let a = self.auth_cfg.clone();
         if a.mode == AuthMode::Sqlite {
             return Access::Ask(Box::new(move |res| {
                 crate::worker::Outcome::Access(auth::check_sqlite(res.auth_db.as_ref(), &a, &sid, &channel))

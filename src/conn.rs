@@ -59,8 +59,9 @@ pub struct PendingPoll<'a> {
     pub cursor: crate::hub::Cursor,
     /// The cursor to echo on 408.
     pub echo: Option<MsgId>,
-    /// CORS lines for the answer.
-    pub lines: Arc<[u8]>,
+    /// CORS lines for the answer; None for a request that needs none (the common same-origin
+    /// poll, which then costs no reference count).
+    pub lines: Option<Arc<[u8]>>,
     /// Whether the connection stays open after the answer.
     pub keep_alive: bool,
     /// The client accepts several messages in one `multipart/mixed` answer.
@@ -89,8 +90,9 @@ pub struct Hold {
     pub sid: Box<str>,
     /// The request's cursor, echoed on 408/503.
     pub cursor: Option<MsgId>,
-    /// This request's CORS lines (may be empty), shared with the output queue on delivery.
-    pub lines: Arc<[u8]>,
+    /// This request's CORS lines (None when it needs none), shared with the output queue on
+    /// delivery.
+    pub lines: Option<Arc<[u8]>>,
     /// Whether the connection stays open after the answer.
     pub keep_alive: bool,
 }

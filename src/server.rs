@@ -244,8 +244,6 @@ pub struct Server {
     stopping: Option<Instant>,
     /// systemd notifications.
     notifier: crate::notify::Notifier,
-    /// Shared empty CORS lines, so a same-origin poll allocates none.
-    pub empty_lines: Arc<[u8]>,
     /// When the admin page's next snapshot is due, and the published count at the last one.
     admin_tick: Instant,
     admin_last_published: u64,
@@ -388,7 +386,6 @@ impl Server {
             stopping: None,
             notifier: crate::notify::Notifier::from_env(),
             watchdog_at: None,
-            empty_lines: Arc::from(&b""[..]),
             admin_tick: Instant::now(),
             admin_last_published: 0,
             cfg,
@@ -754,7 +751,7 @@ impl Server {
             Verdict::Allow(user) => self.hold(t, p, user),
             Verdict::Deny(status) => {
                 self.counters.rejected += 1;
-                let lines = String::from_utf8_lossy(&p.lines).into_owned();
+                let lines = String::from_utf8_lossy(p.lines.as_deref().unwrap_or_default()).into_owned();
                 let retry = if status == 503 { "Retry-After: 1\r\n" } else { "" };
                 self.respond(t, status, &format!("{lines}{retry}"), b"access denied", p.keep_alive)
             }
@@ -1134,9 +1131,9 @@ impl Server {
                 }
                 if skipped {
                     // The cursor is older than the buffer: say so (nchan skips silently).
-                    let mut lines = p.lines.to_vec();
+                    let mut lines = p.lines.as_deref().unwrap_or_default().to_vec();
                     lines.extend_from_slice(b"X-Comet-Skipped: 1\r\n");
-                    p.lines = Arc::from(lines);
+                    p.lines = Some(Arc::from(lines));
                 }
                 if p.multipart {
                     let rest = self.hub.after(&p.channel, m.id, MAX_BATCH - 1);
@@ -1167,15 +1164,15 @@ impl Server {
         }
     }
 
-    fn answer_message(&mut self, t: usize, lines: &Arc<[u8]>, m: &Arc<Message>, keep_alive: bool) {
+    fn answer_message(&mut self, t: usize, lines: &Option<Arc<[u8]>>, m: &Arc<Message>, keep_alive: bool) {
         self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
         let head = &self.ok_heads[usize::from(keep_alive)];
-        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[head, lines, &m.http_tail]) {
+        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[head, lines.as_deref().unwrap_or_default(), &m.http_tail]) {
             Ok(true) => {}
             Ok(false) => {
                 c.out.push(Chunk::Shared(head.clone()));
-                if !lines.is_empty() {
+                if let Some(lines) = lines {
                     c.out.push(Chunk::Shared(lines.clone()));
                 }
                 c.out.push(Chunk::Msg(m.clone()));
@@ -1194,7 +1191,7 @@ impl Server {
     /// tail (its headers, a blank line, its body) as encoded at publish: no message is encoded
     /// again. The response's own `Last-Modified`/`Etag` are the last message's, so the client's
     /// next poll continues after the batch.
-    fn answer_batch(&mut self, t: usize, lines: &Arc<[u8]>, batch: Vec<Arc<Message>>, keep_alive: bool) {
+    fn answer_batch(&mut self, t: usize, lines: &Option<Arc<[u8]>>, batch: Vec<Arc<Message>>, keep_alive: bool) {
         self.refresh_date();
         let Some(last) = batch.last().map(|m| m.id) else { return };
         let boundary = &self.boundary;
@@ -1213,7 +1210,7 @@ impl Server {
                 .as_bytes(),
             );
         });
-        if !lines.is_empty() {
+        if let Some(lines) = lines {
             c.out.push(Chunk::Shared(lines.clone()));
         }
         // Small parts are copied into one buffer: a part of a few hundred bytes costs less to
@@ -1398,7 +1395,7 @@ impl Server {
 
     fn end_hold(&mut self, t: usize, id: u64, status: u16) {
         let Some(h) = self.take_hold(t, id) else { return };
-        let mut lines = String::from_utf8_lossy(&h.lines).into_owned();
+        let mut lines = String::from_utf8_lossy(h.lines.as_deref().unwrap_or_default()).into_owned();
         lines.push_str(&http::cursor_headers(h.cursor));
         if status == 503 {
             lines.push_str("Retry-After: 1\r\n");
