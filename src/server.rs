@@ -32,6 +32,21 @@ const CONTROL: Token = Token(usize::MAX - 2);
 const ADMIN: Token = Token(usize::MAX - 3);
 const WAKER: Token = Token(usize::MAX - 4);
 
+/// One event of a turn: what the poller said of a token.
+struct Ready {
+    token: usize,
+    readable: bool,
+    writable: bool,
+    read_closed: bool,
+    error: bool,
+}
+
+impl Ready {
+    fn of(ev: &mio::event::Event) -> Ready {
+        Ready { token: ev.token().0, readable: ev.is_readable(), writable: ev.is_writable(), read_closed: ev.is_read_closed(), error: ev.is_error() }
+    }
+}
+
 /// The start of a 200: status line, `Date`, `Connection` (the lines that differ per delivery).
 fn ok_head(o: &mut Vec<u8>, date: &str, keep_alive: bool) {
     o.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -174,6 +189,10 @@ pub struct Server {
     pub(crate) resp_spans: Vec<std::ops::Range<usize>>,
     /// Holds a publish answered, waiting for their presence bookkeeping (kept for its memory).
     ended_holds: Vec<Hold>,
+    /// The waiters of the message being fanned out, in token order (kept for its capacity).
+    fanout: Vec<(u64, usize)>,
+    /// The events of the turn, in token order (kept for its capacity).
+    ready: Vec<Ready>,
     /// Store operations waiting for the next batch.
     store_batch: Vec<crate::store::Op>,
     /// A store batch is being written.
@@ -355,6 +374,8 @@ impl Server {
             boundary: make_boundary(),
             resp_spans: Vec::new(),
             ended_holds: Vec::new(),
+            fanout: Vec::new(),
+            ready: Vec::new(),
             rows_in_flight: false,
             rows_resync: false,
             backend_subs: Default::default(),
@@ -432,26 +453,34 @@ impl Server {
             }
             self.now = Instant::now();
             self.now_secs = crate::time::unix_now();
-            for ev in events.iter() {
-                match ev.token() {
+            // The turn's events are handled in token order, not the order they became ready:
+            // connections accepted one after the other sit next to each other, in the slab and
+            // in the kernel (socket, file, descriptor), so the turn walks memory in order. The
+            // listeners and the waker, whose tokens are the highest, come last.
+            let mut ready = std::mem::take(&mut self.ready);
+            ready.extend(events.iter().map(Ready::of));
+            ready.sort_unstable_by_key(|r| r.token);
+            for r in ready.drain(..) {
+                match Token(r.token) {
                     BROWSER => self.accept(0, Kind::Browser),
                     CONTROL => self.accept(1, Kind::Control),
                     ADMIN => self.accept(2, Kind::Admin),
                     WAKER => self.woken(),
                     Token(t) => {
-                        if ev.is_writable() || ev.is_error() {
+                        if r.writable || r.error {
                             self.flush(t);
                         }
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        if r.readable || r.read_closed || r.error {
                             if let Some(c) = self.conns.get_mut(t) {
                                 c.readable = true;
-                                c.hup |= ev.is_read_closed() || ev.is_error();
+                                c.hup |= r.read_closed || r.error;
                             }
                             self.drive(t);
                         }
                     }
                 }
             }
+            self.ready = ready;
             for t in std::mem::take(&mut self.yielded) {
                 if let Some(c) = self.conns.get_mut(t) {
                     c.yielded = false;
@@ -1331,13 +1360,19 @@ impl Server {
         }
         // The answers go out first; the presence bookkeeping (and freeing the holds) waits until
         // the last one is written, so the thousandth subscriber does not wait on it.
+        // They go out in token order, not the waiter map's, for the reason the loop handles its
+        // events in that order (`run`).
         let mut ended = std::mem::take(&mut self.ended_holds);
-        for (id, t) in waiters {
+        let mut order = std::mem::take(&mut self.fanout);
+        order.extend(waiters);
+        order.sort_unstable_by_key(|&(_, t)| t);
+        for (id, t) in order.drain(..) {
             if let Some(h) = self.detach_hold(t, id) {
                 self.answer_message(t, &h.lines, &msg, h.keep_alive);
                 ended.push(h);
             }
         }
+        self.fanout = order;
         let n = ended.len();
         for h in ended.drain(..) {
             self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
