@@ -420,7 +420,7 @@ mod tests {
             let mut q = OutQueue::default();
             let mut sink = Sink { got: Vec::new(), per_call, block_every, calls: 0, slices: Vec::new() };
             let mut scratch = vec![0; 64];
-            assert_eq!(q.write_direct(&mut sink, &mut scratch, &parts).unwrap(), true);
+            assert!(q.write_direct(&mut sink, &mut scratch, &parts).unwrap());
             let took = sink.got.len();
             assert_eq!(sink.calls, 1, "one write, however much it took");
             assert_eq!(q.len(), want.len() - took);
@@ -434,9 +434,9 @@ mod tests {
         let mut sink = Sink { got: Vec::new(), per_call: usize::MAX, block_every: 0, calls: 0, slices: Vec::new() };
         let mut q = OutQueue::default();
         q.append(|o| o.extend_from_slice(b"earlier"));
-        assert_eq!(q.write_direct(&mut sink, &mut vec![0; 64], &parts).unwrap(), false);
+        assert!(!q.write_direct(&mut sink, &mut [0; 64], &parts).unwrap());
         let mut q = OutQueue::default();
-        assert_eq!(q.write_direct(&mut sink, &mut vec![0; 8], &parts).unwrap(), false);
+        assert!(!q.write_direct(&mut sink, &mut [0; 8], &parts).unwrap());
         assert_eq!((sink.calls, q.len()), (0, 0));
     }
 }
