@@ -215,11 +215,7 @@ impl OutQueue {
         if self.len > 0 || total > GATHER_BELOW.min(scratch.len()) {
             return Ok(false);
         }
-        let mut n = 0;
-        for p in parts {
-            scratch[n..n + p.len()].copy_from_slice(p);
-            n += p.len();
-        }
+        let n = gather(scratch, parts.iter().copied());
         let written = loop {
             match w.write(&scratch[..n]) {
                 Ok(k) => break k,
@@ -241,11 +237,7 @@ impl OutQueue {
 
     /// One `write` of every chunk, copied into `scratch` (which holds them all).
     fn write_gathered(&self, w: &mut impl Write, scratch: &mut [u8]) -> io::Result<usize> {
-        let mut n = 0;
-        for b in self.unwritten() {
-            scratch[n..n + b.len()].copy_from_slice(b);
-            n += b.len();
-        }
+        let n = gather(scratch, self.unwritten());
         w.write(&scratch[..n])
     }
 
@@ -260,6 +252,17 @@ impl OutQueue {
         }
         w.write_vectored(&slices[..n])
     }
+}
+
+/// Copies `pieces` one after the other to the start of `scratch` (which holds them all); returns
+/// how many bytes that is.
+fn gather<'a>(scratch: &mut [u8], pieces: impl Iterator<Item = &'a [u8]>) -> usize {
+    let mut n = 0;
+    for b in pieces {
+        scratch[n..n + b.len()].copy_from_slice(b);
+        n += b.len();
+    }
+    n
 }
 
 /// The state of a backend connection on the control port.
