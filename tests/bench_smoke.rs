@@ -123,6 +123,9 @@ fn burst_on_one_channel_loses_nothing() {
     assert_eq!(num(&f, "held"), 300, "every subscriber held before publishing: {f:?}");
     assert_all_delivered(&f, 300 * 30);
     assert!(f.contains_key("cpu_us_per_delivery") && f.contains_key("bytes_per_held"), "server figures read from /proc: {f:?}");
+    // Every message is one fan-out to 300: the time per answer within it is measured.
+    let per: f64 = f.get("us_per_answer").unwrap_or_else(|| panic!("no us_per_answer: {f:?}")).parse().expect("a number");
+    assert!(per > 0.0, "time per answer: {f:?}");
 }
 
 #[test]
@@ -141,4 +144,24 @@ fn rounds_on_many_channels_lose_nothing() {
     let d = start_comet();
     let f = bench(&d, &["--subs", "200", "--channels", "each", "--messages", "1", "--rounds", "3"]);
     assert_all_delivered(&f, 200 * 3);
+    // One subscriber per channel: there is no fan-out to time.
+    assert!(!f.contains_key("us_per_answer"), "{f:?}");
+}
+
+#[test]
+fn the_floor_writes_every_answer_and_leaves_no_reader_behind() {
+    let out = Command::new(env!("CARGO_BIN_EXE_comet-bench"))
+        .args(["floor", "--subs", "50", "--rounds", "3", "--tag", "scenario=fanout server=floor"])
+        .output()
+        .expect("run comet-bench floor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "comet-bench floor failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("scenario=fanout server=floor ")).unwrap_or_else(|| panic!("no result line in {stdout:?}"));
+    let f: HashMap<String, String> = line.split_whitespace().filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(num(&f, "subs"), 50);
+    assert_eq!(num(&f, "rounds"), 3);
+    assert_eq!(num(&f, "short_writes"), 0, "every answer written whole: {f:?}");
+    let us: f64 = f["floor_us"].parse().expect("floor_us is a number");
+    assert!(us > 0.0 && us < 10_000.0, "{f:?}");
+    // `output()` returned, so the reader (a child that inherited the pipes) has exited too.
 }

@@ -7,6 +7,7 @@
 //! ```text
 //! comet-bench.rs        command line, one phase's figures printed
 //! comet-bench/load.rs   the subscribers' loop: connect, poll, check each message, re-poll
+//! comet-bench/floor.rs  the kernel's floor: a writer that does nothing but the fan-out's writes
 //! comet-bench/publish.rs the publisher thread and the "are they all held?" probe
 //! comet-bench/wire.rs   HTTP responses (and the parts of a batch), RESP replies, message bodies
 //! comet-bench/net.rs    client sockets bound to 127.0.0.x before connecting
@@ -17,6 +18,8 @@
 //! It is a program that prints figures, not a test: `tests/bench_smoke.rs` runs it small to
 //! check that it still works and that comet loses nothing.
 
+#[path = "comet-bench/floor.rs"]
+mod floor;
 #[path = "comet-bench/load.rs"]
 mod load;
 #[path = "comet-bench/net.rs"]
@@ -48,6 +51,8 @@ USAGE:
     comet-bench free-ports N        N free TCP ports on 127.0.0.1 (for the servers' configs)
     comet-bench wait-port ADDR [S]  wait up to S seconds (default 10) until ADDR accepts
     comet-bench proc PID            cpu_us=<utime+stime> rss_kb=<VmRSS> of a process
+    comet-bench floor [OPTIONS]     the kernel's floor under a fan-out: microseconds per write
+                                    when a program only writes the answers (prints one line)
 
 RUN OPTIONS:
     --target comet|nchan|plain  how to publish and to ask for held polls (plain: no publishing,
@@ -79,6 +84,14 @@ RUN OPTIONS:
     --prefix STR                channel name prefix (unique per run by default)
     --tag 'k=v ...'             fields copied at the start of the result line
                                 (scenario=..., server=... are what `report` groups by)
+
+FLOOR OPTIONS (the writer runs here; pin it with taskset as the server would be):
+    --subs N                    connections (1000)
+    --rounds N                  rounds of one write per connection, 100 ms apart (50)
+    --answer BYTES              bytes per write: comet's answer to a 100 B bench message (400)
+    --request BYTES             bytes the reader sends back after each answer, as a poll (130)
+    --reader-cpu CPU            the CPU the reader process is pinned to (default: not pinned)
+    --tag 'k=v ...'             fields copied at the start of the result line
 ";
 
 fn main() -> ExitCode {
@@ -89,6 +102,8 @@ fn main() -> ExitCode {
             Some(dir) => report::table(std::path::Path::new(dir)).map(|t| print!("{t}")).map_err(|e| e.to_string()),
             None => Err("report needs a DIR".into()),
         },
+        Some("floor") => floor(&args[1..]),
+        Some("floor-reader") => floor::reader(&args[1..]),
         Some("free-ports") => free_ports(args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1)),
         Some("wait-port") => wait_port(args.get(1), args.get(2)),
         Some("proc") => match args.get(1).and_then(|p| p.parse().ok()).and_then(procfs::sample) {
@@ -134,6 +149,43 @@ fn wait_port(addr: Option<&String>, secs: Option<&String>) -> Result<(), String>
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn floor(args: &[String]) -> Result<(), String> {
+    let o = Opts::parse(args)?;
+    if let Some(k) = o.0.keys().find(|k| !["subs", "rounds", "answer", "request", "reader-cpu", "tag"].contains(&k.as_str())) {
+        return Err(format!("unknown option --{k}"));
+    }
+    let plan = floor::FloorPlan {
+        conns: o.num("subs", 1000usize)?.max(1),
+        rounds: o.num("rounds", 50usize)?.max(1),
+        answer: o.num("answer", 400usize)?.max(1),
+        request: o.num("request", 130usize)?.max(1),
+        interval: Duration::from_millis(100),
+        reader_cpu: o.0.get("reader-cpu").map(|c| c.parse().map_err(|_| format!("--reader-cpu: bad value {c:?}"))).transpose()?,
+    };
+    let f = floor::run(&plan)?;
+    let mut per = f.per_write_us.clone();
+    per.sort_by(f64::total_cmp);
+    let at = |p: f64| per[((per.len() - 1) as f64 * p).round() as usize];
+    let mut line = o.str("tag").unwrap_or("").trim().to_string();
+    if !line.is_empty() {
+        line.push(' ');
+    }
+    line.push_str(&format!(
+        "subs={} rounds={} answer={} request={} short_writes={} floor_us={:.3} floor_us_min={:.3} floor_us_p90={:.3} floor_us_max={:.3}",
+        plan.conns,
+        plan.rounds,
+        plan.answer,
+        plan.request,
+        f.short_writes,
+        at(0.5),
+        at(0.0),
+        at(0.9),
+        at(1.0)
+    ));
+    println!("{line}");
+    Ok(())
 }
 
 /// `--key value` options.
@@ -343,6 +395,9 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
         put("p50_ms", format!("{:.3}", out.latency_ms(0.50)));
         put("p99_ms", format!("{:.3}", out.latency_ms(0.99)));
         put("max_ms", format!("{:.3}", out.latency_ms(1.0)));
+    }
+    if let Some(us) = out.us_per_answer() {
+        put("us_per_answer", format!("{us:.3}"));
     }
     put("timed_out", (out.timed_out as u8).to_string());
     let mut line = tag.trim().to_string();

@@ -199,6 +199,17 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
         ));
         t.median_row(&r, sc, ("comet", "nchan"), "p50_ms", "delivery latency p50, ms");
         t.median_row(&r, sc, ("comet", "nchan"), "p99_ms", "delivery latency p99, ms");
+        t.median_row(&r, sc, ("comet", "nchan"), "us_per_answer", "server time per answer within a fan-out, µs (median over messages)");
+        let floor = r.get(sc, "floor", "floor_us", Agg::Median);
+        if let Some(f) = floor.filter(|f| *f > 0.0) {
+            let (c, o) = both(&r, sc, "us_per_answer", Agg::Median);
+            t.text_row(
+                &format!("the same, in multiples of the kernel's floor ({} µs per write from a program that only writes: `comet-bench floor`)", num(Some(f))),
+                &num(c.map(|c| c / f)),
+                &num(o.map(|o| o / f)),
+                &r.paired_ratio(sc, "comet", "nchan", "us_per_answer").map_or_else(|| ratio(c, o), |p| format!("{p:.2}")),
+            );
+        }
         loss_rows(&mut t, &r, sc, runs(&r, sc));
     }
 
@@ -312,6 +323,23 @@ mod tests {
         assert_eq!(r.paired_ratio("burst", "comet", "nchan", "cpu"), Some(0.75));
         assert_eq!(r.get("burst", "comet", "cpu", Agg::Median), Some(20.0));
         assert_eq!(r.paired_ratio("burst", "comet", "nobody", "cpu"), None);
+    }
+
+    #[test]
+    fn the_fan_out_is_shown_against_the_floor() {
+        let dir = std::env::temp_dir().join(format!("comet-bench-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("fanout.txt"),
+            "scenario=fanout server=comet run=1 subs=1000 p99_ms=5 us_per_answer=4.4\n\
+             scenario=fanout server=nchan run=1 subs=1000 p99_ms=9 us_per_answer=8.8\n\
+             scenario=fanout server=floor run=1 subs=1000 floor_us=4.0\n",
+        )
+        .unwrap();
+        let t = table(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(t.contains("| server time per answer within a fan-out, µs (median over messages) | 4.40 | 8.80 | 0.50 |"), "{t}");
+        assert!(t.contains("kernel's floor (4 µs per write from a program that only writes: `comet-bench floor`) | 1.10 | 2.20 | 0.50 |"), "{t}");
     }
 
     #[test]
