@@ -137,8 +137,9 @@ pub struct Tally {
     pub statuses: BTreeMap<u16, u64>,
     /// Latencies in microseconds (one per unique delivery, or per plain request).
     pub latencies: Vec<u32>,
-    /// With one channel: the latencies again, by message sequence number (each message is one
-    /// fan-out), for the server's time per answer within a fan-out.
+    /// With one channel and paced messages: the latencies again, by message sequence number
+    /// (each message is one fan-out to held polls), for the server's time per answer within a
+    /// fan-out. Back to back, most answers come from the buffer to re-polls instead.
     pub by_message: Vec<Vec<u32>>,
     pub requests: u64,
     pub last_delivery: Option<Instant>,
@@ -526,7 +527,7 @@ impl<'a> Load<'a> {
                     let arrived = s.arrived.unwrap_or_else(publish::now_ns);
                     let lat_us = (arrived.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32;
                     self.tally.latencies.push(lat_us);
-                    if self.plan.channels == 1 {
+                    if self.plan.channels == 1 && self.plan.rate > 0.0 {
                         let m = &mut self.tally.by_message;
                         if m.len() <= seq as usize {
                             m.resize_with(seq as usize + 1, Vec::new);
@@ -581,7 +582,7 @@ impl Outcome {
     /// reached at least 100 subscribers, the time from its first arrival to its 99th-percentile
     /// one, divided by the answers in between; the median over those messages. Unlike the p99
     /// over all deliveries, one slow spell of the shared machine moves it only if it lasts for
-    /// half of the messages. None without one-channel fan-outs.
+    /// half of the messages. None unless messages went to one channel at a paced rate.
     pub fn us_per_answer(&self) -> Option<f64> {
         per_answer_median(&self.tally.by_message)
     }
