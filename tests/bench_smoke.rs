@@ -174,3 +174,17 @@ fn the_floor_writes_every_answer_and_leaves_no_reader_behind() {
     assert!(us > 0.0 && us < 10_000.0, "{f:?}");
     // `output()` returned, so the reader (a child that inherited the pipes) has exited too.
 }
+
+#[test]
+fn the_floor_says_so_when_its_reader_cannot_start() {
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_comet-bench"))
+        .args(["floor", "--subs", "10", "--rounds", "1", "--reader-cpu", "100000"])
+        .output()
+        .expect("run comet-bench floor");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a reader that cannot be pinned fails the run: {stderr}");
+    assert!(stderr.contains("cannot pin to CPU 100000") && stderr.contains("the reader exited"), "{stderr}");
+    // Told at once, not after the 30 s wait for connections.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}

@@ -44,14 +44,14 @@ pub fn run(plan: &FloorPlan) -> Result<Floor, String> {
         cmd.arg(cpu.to_string());
     }
     let mut child = cmd.spawn().map_err(|e| format!("reader: {e}"))?;
-    let result = write_rounds(&listener, plan);
+    let result = write_rounds(&listener, plan, &mut child);
     // The reader ends when its connections close (they close with the writer's streams, dropped
     // in write_rounds), or at its own deadline; then it is waited for, never left behind.
     let _ = child.wait();
     result
 }
 
-fn write_rounds(listener: &TcpListener, plan: &FloorPlan) -> Result<Floor, String> {
+fn write_rounds(listener: &TcpListener, plan: &FloorPlan, reader: &mut std::process::Child) -> Result<Floor, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut conns: Vec<TcpStream> = Vec::with_capacity(plan.conns);
@@ -64,6 +64,9 @@ fn write_rounds(listener: &TcpListener, plan: &FloorPlan) -> Result<Floor, Strin
                 conns.push(s);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if let Ok(Some(status)) = reader.try_wait() {
+                    return Err(format!("the reader exited with {status} after {} of {} connections", conns.len(), plan.conns));
+                }
                 if Instant::now() > deadline {
                     return Err(format!("only {} of {} connections after 30 s", conns.len(), plan.conns));
                 }
@@ -164,6 +167,9 @@ pub fn reader(args: &[String]) -> Result<(), String> {
 
 /// Pins this process to one CPU.
 pub fn pin(cpu: usize) -> Result<(), String> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!("cannot pin to CPU {cpu}: a CPU set holds {} CPUs", libc::CPU_SETSIZE));
+    }
     // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();

@@ -527,7 +527,10 @@ impl<'a> Load<'a> {
                     let arrived = s.arrived.unwrap_or_else(publish::now_ns);
                     let lat_us = (arrived.saturating_sub(t) / 1000).min(u32::MAX as u64) as u32;
                     self.tally.latencies.push(lat_us);
-                    if self.plan.channels == 1 && self.plan.rate > 0.0 {
+                    // Sequence numbers run below messages x rounds; one beyond is not a
+                    // message of this run and must not size the table.
+                    let published = self.plan.messages as u64 * self.plan.rounds as u64;
+                    if self.plan.channels == 1 && self.plan.rate > 0.0 && (seq as u64) < published {
                         let m = &mut self.tally.by_message;
                         if m.len() <= seq as usize {
                             m.resize_with(seq as usize + 1, Vec::new);
