@@ -198,18 +198,64 @@ fn bind_named(stmt: &mut rusqlite::Statement<'_>, params: &[(&str, &dyn rusqlite
     Ok(())
 }
 
-fn value_text(v: rusqlite::types::ValueRef<'_>) -> Option<String> {
-    use rusqlite::types::ValueRef;
-    match v {
-        ValueRef::Null => None,
-        ValueRef::Integer(i) => Some(i.to_string()),
-        ValueRef::Real(f) => Some(f.to_string()),
-        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+/// The session query's user column, copied out of the row as SQLite typed it, so that `:user` is
+/// bound with that same type: SQLite compares an integer and a text as different values in a
+/// column without a declared type, so binding the text form of `42` would never match a stored
+/// `42`. Text is kept as bytes, not `String`: the database may hold text that is not UTF-8, and
+/// the bind must be the very bytes the row had.
+#[derive(Debug)]
+enum UserValue {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(Vec<u8>),
+    Blob(Vec<u8>),
+}
+
+impl UserValue {
+    fn copy(v: rusqlite::types::ValueRef<'_>) -> UserValue {
+        use rusqlite::types::ValueRef;
+        match v {
+            ValueRef::Null => UserValue::Null,
+            ValueRef::Integer(i) => UserValue::Integer(i),
+            ValueRef::Real(f) => UserValue::Real(f),
+            ValueRef::Text(t) => UserValue::Text(t.to_vec()),
+            ValueRef::Blob(b) => UserValue::Blob(b.to_vec()),
+        }
+    }
+
+    /// The text form, as presence shows the user id (`ONLINE`, `PRESENCE`, the presence rows).
+    /// A real is rendered by SQLite itself (`CAST(x AS TEXT)`: 42.5 is "42.5", 42.0 is "42.0",
+    /// 1e20 is "1.0e+20"), so the id reads as the application sees it in its own SQL; Rust's
+    /// float formatting would turn 42.0 into "42" and 1e20 into twenty-one digits. Text and blob
+    /// bytes are read as UTF-8, an invalid sequence shown as U+FFFD. NULL is no user id. (The
+    /// CAST reads no table, so it is not counted in `auth_db_queries`.)
+    fn text(&self, db: &rusqlite::Connection) -> rusqlite::Result<Option<String>> {
+        Ok(match self {
+            UserValue::Null => None,
+            UserValue::Integer(i) => Some(i.to_string()),
+            UserValue::Real(f) => Some(db.prepare_cached("SELECT CAST(?1 AS TEXT)")?.query_row([f], |r| r.get(0))?),
+            UserValue::Text(t) | UserValue::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        })
+    }
+}
+
+impl rusqlite::ToSql for UserValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::ValueRef;
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            UserValue::Null => ValueRef::Null,
+            UserValue::Integer(i) => ValueRef::Integer(*i),
+            UserValue::Real(f) => ValueRef::Real(*f),
+            UserValue::Text(t) => ValueRef::Text(t),
+            UserValue::Blob(b) => ValueRef::Blob(b),
+        }))
     }
 }
 
 /// Worker job, mode sqlite: the session query (a row = a valid session, its first column the user
-/// id), then the channel query. A database error (locked past the busy timeout, file gone)
+/// id), then the channel query with `:user` bound to that column as its own type (a NULL column
+/// binds NULL and gives no user id). A database error (locked past the busy timeout, file gone)
 /// denies with 503 and is logged.
 pub fn check_sqlite(db: Option<&rusqlite::Connection>, auth: &Auth, sid: &str, channel: &str) -> Verdict {
     let Some(db) = db else { return Verdict::Deny(503) };
@@ -219,16 +265,15 @@ pub fn check_sqlite(db: Option<&rusqlite::Connection>, auth: &Auth, sid: &str, c
         bind_named(&mut s, &[(":sid", &sid)])?;
         let mut rows = s.raw_query();
         let user = match rows.next()? {
-            Some(row) => value_text(row.get_ref(0)?),
+            Some(row) => UserValue::copy(row.get_ref(0)?),
             None => return Ok(Verdict::Deny(403)),
         };
         drop(rows);
         DB_QUERIES.fetch_add(1, Ordering::Relaxed);
         let mut c = db.prepare_cached(&auth.channel_query)?;
-        let user_param = user.clone().unwrap_or_default();
-        bind_named(&mut c, &[(":channel", &channel), (":user", &user_param), (":sid", &sid)])?;
+        bind_named(&mut c, &[(":channel", &channel), (":user", &user), (":sid", &sid)])?;
         let allowed = c.raw_query().next()?.is_some();
-        Ok(if allowed { Verdict::Allow(user) } else { Verdict::Deny(403) })
+        Ok(if allowed { Verdict::Allow(user.text(db)?) } else { Verdict::Deny(403) })
     };
     run().unwrap_or_else(|e| {
         crate::warn!("auth query failed for channel {channel}: {e}");
@@ -341,5 +386,70 @@ mod tests {
         c.put("s1", "a", Verdict::Allow(None), t0);
         assert_eq!(c.get("s1", "a", t0 + Duration::from_secs(11)), None, "expired");
         assert!(c.is_empty());
+    }
+
+    /// The issue's queries, and a channel query that compares with `IS` so a NULL user can match.
+    const SESSION: &str = "SELECT user_id FROM sessions WHERE id = :sid";
+    const EQ: &str = "SELECT 1 FROM channel_access WHERE channel = :channel AND user_id = :user";
+    const IS: &str = "SELECT 1 FROM channel_access WHERE channel = :channel AND user_id IS :user";
+
+    fn sqlite_auth(channel_query: &str) -> Auth {
+        Auth {
+            mode: crate::config::AuthMode::Sqlite,
+            database: ":memory:".into(),
+            session_query: SESSION.into(),
+            channel_query: channel_query.into(),
+            url: String::new(),
+            open_channels: Vec::new(),
+            cache_ttl: Duration::ZERO,
+            cache_max_entries: 0,
+            key_secret: String::new(),
+        }
+    }
+
+    /// `:user` is bound with the type the session query returned: each row stores a user id in
+    /// `sessions` (column declared as given, "" for none) and a value in `channel_access`, and
+    /// expects the check's verdict. The rows marked "typed" are the ones a text bind got wrong.
+    #[test]
+    fn sqlite_binds_user_with_the_session_column_type() {
+        let allow = |u: &str| Verdict::Allow(Some(u.to_string()));
+        #[rustfmt::skip]
+        let table: &[(&str, &str, &str, &str, &str, &str, Verdict)] = &[
+            // (what, sessions.user_id type, its value, channel_access.user_id type, its value, channel query, verdict)
+            ("integer (issue 18)",         "", "42",      "", "42",      EQ, allow("42")),
+            ("text",                       "", "'u42'",   "", "'u42'",   EQ, allow("u42")),
+            ("text of digits",             "", "'42'",    "", "'42'",    EQ, allow("42")),
+            ("real",                       "", "42.5",    "", "42.5",    EQ, allow("42.5")),
+            ("integral real, as CAST",     "", "42.0",    "", "42.0",    EQ, allow("42.0")),
+            ("large real, as CAST",        "", "1e20",    "", "1e20",    EQ, allow("1.0e+20")),
+            ("real equals integer",        "", "42.0",    "", "42",      EQ, allow("42.0")),
+            ("blob",                       "", "x'3432'", "", "x'3432'", EQ, allow("42")),
+            ("blob, not UTF-8",            "", "x'ff34'", "", "x'ff34'", EQ, allow("\u{fffd}4")),
+            ("NULL binds NULL",            "", "NULL",    "", "NULL",    IS, Verdict::Allow(None)),
+            ("NULL equals nothing",        "", "NULL",    "", "NULL",    EQ, Verdict::Deny(403)),
+            ("NULL is not ''",             "", "NULL",    "", "''",      IS, Verdict::Deny(403)),
+            ("typed: integer vs text",     "", "42",      "", "'42'",    EQ, Verdict::Deny(403)),
+            ("typed: blob vs text",        "", "x'3432'", "", "'42'",    EQ, Verdict::Deny(403)),
+            ("typed: real vs text",        "", "42.5",    "", "'42.5'",  EQ, Verdict::Deny(403)),
+            ("text vs integer",            "", "'42'",    "", "42",      EQ, Verdict::Deny(403)),
+            ("other integer",              "", "42",      "", "43",      EQ, Verdict::Deny(403)),
+            // A declared type still converts the bound value, as it does for any comparison.
+            ("text vs INTEGER column",     "", "'42'",    "INTEGER", "42", EQ, allow("42")),
+            ("integer vs TEXT column",     "", "42",      "TEXT", "42",    EQ, allow("42")),
+            ("INTEGER columns both",       "INTEGER", "42", "INTEGER", "42", EQ, allow("42")),
+        ];
+        for (what, s_type, s_val, a_type, a_val, query, want) in table {
+            let db = rusqlite::Connection::open_in_memory().unwrap();
+            db.execute_batch(&format!(
+                "CREATE TABLE sessions(id TEXT PRIMARY KEY, user_id {s_type});
+                 CREATE TABLE channel_access(channel TEXT NOT NULL, user_id {a_type});
+                 INSERT INTO sessions VALUES ('sN', {s_val});
+                 INSERT INTO channel_access VALUES ('room3', {a_val});"
+            ))
+            .unwrap();
+            let got = check_sqlite(Some(&db), &sqlite_auth(query), "sN", "room3");
+            assert_eq!(&got, want, "{what}");
+            assert_eq!(check_sqlite(Some(&db), &sqlite_auth(query), "sOther", "room3"), Verdict::Deny(403), "{what}: no session");
+        }
     }
 }
