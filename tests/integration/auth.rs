@@ -167,6 +167,18 @@ impl SqliteApp {
         let d = Daemon::start_with(&tweak(sqlite_config(&db)));
         SqliteApp { d, db, _dir: dir }
     }
+    /// A daemon on a database holding `schema` instead of `make_db`'s, for the schemas an
+    /// application brings along.
+    fn start_on(schema: &str) -> SqliteApp {
+        let dir = Scratch::new();
+        let db = dir.path().join("app.sqlite");
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("PRAGMA journal_mode = DELETE;").unwrap();
+        c.execute_batch(schema).unwrap();
+        drop(c);
+        let d = Daemon::start_with(&sqlite_config(&db));
+        SqliteApp { d, db, _dir: dir }
+    }
     fn write(&self, sql: &str) {
         rusqlite::Connection::open(&self.db).unwrap().execute_batch(sql).unwrap();
     }
@@ -378,6 +390,28 @@ fn sqlite_allowed_session_and_channel_is_held_and_gets_the_publish() {
     let r = c.response();
     assert_status(&r, 200, "re-poll behind the cursor");
     assert_eq!(r.text(), "for alice");
+}
+
+/// Issue 18: a PHP schema with the user column left without a type stores user ids as
+/// integers; the session query's integer must be bound to `:user` as an integer (bound as the
+/// text '42' it matched no row, and every poll was 403). Presence shows the id as text.
+#[test]
+fn issue_18_integer_user_id_matches() {
+    let app = SqliteApp::start_on(
+        "CREATE TABLE sessions(id TEXT PRIMARY KEY, user_id);
+         CREATE TABLE channel_access(channel TEXT NOT NULL, user_id);
+         INSERT INTO sessions VALUES ('sN', 42);
+         INSERT INTO channel_access VALUES ('room3', 42);",
+    );
+    let d = &app.d;
+    let mut c = d.browser();
+    c.send(&get("/sub/room3", &[("Cookie", "PHPSESSID=sN")]));
+    wait_counter(d, "held_polls", 1);
+    let mut b = d.backend();
+    assert_eq!(b.cmd(&["ONLINE"]).to_string(), "*2[$sN, $42]", "ONLINE");
+    assert_eq!(b.cmd(&["PRESENCE", "room3"]).to_string(), "*2[$sN, $42]", "PRESENCE room3");
+    assert_held_then_delivered(d, &mut c, "room3", "for user 42");
+    assert_eq!(counters(d, &["auth_jobs", "auth_db_queries"]), [1, 2], "(auth_jobs, auth_db_queries)");
 }
 
 #[test]
