@@ -93,6 +93,7 @@ impl Server {
                 lines: None,
                 keep_alive: ka,
                 multipart: false,
+                transport: crate::conn::Transport::LongPoll,
                 asked: self.now,
                 generation: 0,
             };
@@ -142,7 +143,7 @@ impl Server {
                 Some(waiters) => {
                     self.store_delete(&channel);
                     let n = waiters.len();
-                    self.end_holds(waiters, 410);
+                    self.end_holds(waiters, 410, "channel deleted");
                     crate::info!("channel {channel} deleted by admin ({n} held polls answered 410)");
                     let body = format!("channel deleted, {n} subscribers gone\n");
                     self.respond(t, 200, "", body.as_bytes(), ka)

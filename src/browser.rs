@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use crate::auth::{self, Verdict};
 use crate::config::{AuthMode, FirstMessage};
-use crate::conn::PendingPoll;
+use crate::conn::{PendingPoll, Transport};
 use crate::http::{self, Method, Request};
 use crate::hub::{self, Cursor};
 use crate::server::Server;
@@ -65,6 +65,14 @@ impl Server {
         )
     }
 
+    /// Whether a WebSocket handshake's `Origin` may open a stream: none (not a browser), the
+    /// request's own host, or one of `browser.allowed_origins`.
+    fn ws_origin_allowed(&self, req: &Request<'_>) -> bool {
+        let Some(origin) = req.origin else { return true };
+        let authority = origin.split_once("://").map_or(origin, |(_, a)| a);
+        req.host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) || self.cfg.browser.allowed_origins.iter().any(|o| o == "*" || o == origin)
+    }
+
     /// Handles one request on the browser listener.
     pub(crate) fn browser_request(&mut self, t: usize, req: Request<'_>) {
         let keep_alive = req.keep_alive;
@@ -93,6 +101,19 @@ impl Server {
                 self.respond_head_or_get(t, 200, &lines, "application/javascript; charset=utf-8", CLIENT_JS, head, keep_alive)
             }
             Method::Get => {
+                let transport = match crate::stream::transport_of(&req) {
+                    Ok(tr) => tr,
+                    Err((status, lines, why)) => {
+                        self.counters.rejected += 1;
+                        return self.respond(t, status, &format!("{cors}{lines}"), why.as_bytes(), false);
+                    }
+                };
+                if matches!(transport, Transport::WebSocket { .. }) && !self.ws_origin_allowed(&req) {
+                    // Browsers apply no CORS to WebSockets but send the cookie: without this check
+                    // any site's page could read a visitor's private channel.
+                    self.counters.rejected += 1;
+                    return self.respond(t, 403, "", b"origin not allowed", false);
+                }
                 let refused = match self.subscribe_target(&req) {
                     Ok(target) => match self.access(t, &req, &target) {
                         Access::Refused(r) => r,
@@ -100,7 +121,7 @@ impl Server {
                             let Target { channel, sid, cursor, echo } = target;
                             let multipart = req.accept.is_some_and(|a| a.contains("multipart/mixed"))
                                 || http::query_arg(req.query, "multipart").is_some_and(|v| v.as_deref() == Some("1"));
-                            let p = PendingPoll { channel, sid: Cow::Borrowed(sid), cursor, echo, lines: (!cors.is_empty()).then(|| Arc::from(cors.as_bytes())), keep_alive, multipart, asked: self.now, generation: 0 };
+                            let p = PendingPoll { channel, sid: Cow::Borrowed(sid), cursor, echo, lines: (!cors.is_empty()).then(|| Arc::from(cors.as_bytes())), keep_alive, multipart, transport, asked: self.now, generation: 0 };
                             return match access {
                                 Access::Ask(task) => self.submit_check(t, p, task),
                                 Access::Cached(v) => self.access_decided(t, p, v),

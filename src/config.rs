@@ -122,6 +122,8 @@ pub struct Browser {
     pub allowed_origins: Vec<String>,
     /// What a poll without a cursor gets first.
     pub first_message: FirstMessage,
+    /// Keep-alive interval of EventSource and WebSocket streams (a comment, a Ping); None: off.
+    pub stream_ping: Option<Duration>,
 }
 
 /// What a poll without a cursor gets.
@@ -288,6 +290,7 @@ struct RawBrowser {
     poll_timeout_secs: u64,
     allowed_origins: Vec<String>,
     first_message: String,
+    stream_ping_secs: u64,
 }
 
 impl Default for RawBrowser {
@@ -298,6 +301,7 @@ impl Default for RawBrowser {
             poll_timeout_secs: 30,
             allowed_origins: Vec::new(),
             first_message: "oldest".into(),
+            stream_ping_secs: 15,
         }
     }
 }
@@ -436,6 +440,10 @@ impl Config {
             poll_timeout: Duration::from_secs(range("browser.poll_timeout_secs", b.poll_timeout_secs, 1, 86_400)?),
             allowed_origins: b.allowed_origins,
             first_message,
+            stream_ping: match range("browser.stream_ping_secs", b.stream_ping_secs, 0, 3600)? {
+                0 => None,
+                n => Some(Duration::from_secs(n)),
+            },
         };
         for (name, secret) in &raw.control.tokens {
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {

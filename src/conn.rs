@@ -6,6 +6,7 @@
 //! lines and the message's shared tail) and the socket write gathers them with `writev`.
 
 use crate::hub::{Message, MsgId};
+use crate::message::Wire;
 use mio::net::TcpStream;
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -29,6 +30,7 @@ pub enum Kind {
 /// The phase of an HTTP connection. Legal moves:
 /// `Idle -> Head` (first byte) `-> Body` (head with a body) `-> Idle` (answered, keep-alive) or
 /// `-> Authorizing` (a worker checks access) `-> Held` (a poll that waits) `-> Idle` (answered);
+/// a stream goes `Idle -> [Authorizing ->] Stream` and stays there until it ends (then closed);
 /// any phase -> closed.
 /// RESP connections stay `Idle` and are driven by their input alone.
 #[derive(Debug)]
@@ -45,6 +47,36 @@ pub enum Phase {
     Authorizing(Box<PendingPoll<'static>>),
     /// A poll held on a channel until a message, a timeout, a delete or shutdown.
     Held(Hold),
+    /// An open EventSource or WebSocket stream: a waiter on its channel that waits again after
+    /// each message, until the channel is deleted, the session closed or kicked, the peer goes,
+    /// or shutdown.
+    Stream(Box<Stream>),
+}
+
+/// How a subscriber receives messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// One HTTP answer per poll.
+    LongPoll,
+    /// `text/event-stream`.
+    EventSource,
+    /// WebSocket, with the handshake's accept key and the frame form its subprotocol asked for.
+    WebSocket { accept: [u8; 28], wire: Wire },
+}
+
+/// An open stream.
+#[derive(Debug)]
+pub struct Stream {
+    /// Its hold in the hub (the id stays the same across messages) and what it was opened with.
+    pub hold: Hold,
+    /// The wire form each message is sent in.
+    pub wire: Wire,
+    /// A WebSocket's reader of client frames; None for an event stream.
+    pub ws: Option<crate::ws::Reader>,
+    /// A Ping went out and no Pong came back yet (WebSocket).
+    pub pong_due: bool,
+    /// Its last bytes (a close event or frame) are queued: nothing more is sent.
+    pub ending: bool,
 }
 
 /// A poll on its way to being held or answered. It borrows its channel and session from the
@@ -66,6 +98,8 @@ pub struct PendingPoll<'a> {
     pub keep_alive: bool,
     /// The client accepts several messages in one `multipart/mixed` answer.
     pub multipart: bool,
+    /// How it is answered: one poll, or a stream.
+    pub transport: Transport,
     /// When the request arrived (for the access-check latency metric).
     pub asked: std::time::Instant,
     /// `Server::auth_generation` when the check was sent to a worker.
@@ -103,8 +137,8 @@ pub enum Chunk {
     Own(Vec<u8>),
     /// Bytes shared with other connections (per-request header lines).
     Shared(Arc<[u8]>),
-    /// A message's shared 200 tail.
-    Msg(Arc<Message>),
+    /// A message in one of its wire forms, shared.
+    Msg(Arc<Message>, Wire),
 }
 
 impl Chunk {
@@ -112,7 +146,7 @@ impl Chunk {
         match self {
             Chunk::Own(v) => v,
             Chunk::Shared(b) => b,
-            Chunk::Msg(m) => &m.http_tail,
+            Chunk::Msg(m, w) => m.wire(*w),
         }
     }
 }
@@ -371,7 +405,7 @@ mod tests {
 
     #[test]
     fn chunks_come_out_in_order_across_partial_writes() {
-        let msg = Arc::new(Message { id: MsgId { time: 1, tag: 0 }, http_tail: b"tail-bytes".to_vec().into_boxed_slice(), body_len: 4 });
+        let msg = Arc::new(Message::new(MsgId { time: 1, tag: 0 }, "c", "text/plain", b"tail-bytes"));
         let shared: Arc<[u8]> = Arc::from(&b"shared"[..]);
         for chunks in [1usize, 3, 4, 5, 63, 64, 65, 200] {
             for (per_call, block_every, scratch_len) in [(usize::MAX, 0, 0), (usize::MAX, 0, 64 * 1024), (1, 0, 64 * 1024), (7, 3, 0), (1000, 2, 64 * 1024)] {
@@ -388,8 +422,8 @@ mod tests {
                             want.extend_from_slice(&shared);
                         }
                         _ => {
-                            q.push(Chunk::Msg(msg.clone()));
-                            want.extend_from_slice(&msg.http_tail);
+                            q.push(Chunk::Msg(msg.clone(), Wire::Sse));
+                            want.extend_from_slice(msg.wire(Wire::Sse));
                         }
                     }
                 }

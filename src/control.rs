@@ -195,7 +195,7 @@ impl Server {
                                 self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
                                 self.store_session_closed(sid);
                                 crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
-                                self.end_holds(waiters, 410);
+                                self.end_holds(waiters, 410, "session closed");
                                 for ch in joined {
                                     self.presence.leave(sid, &ch, &mut self.events);
                                 }
@@ -398,10 +398,10 @@ impl Server {
         let holds = self.presence.forget(sid, &mut self.events);
         let n = holds.len();
         for (id, t) in holds {
-            self.cut_hold(t, id, 410);
+            self.cut_hold(t, id, 410, "session kicked");
         }
         if let Some(waiters) = self.hub.kick(sid, self.now_secs) {
-            self.end_holds(waiters, 410);
+            self.end_holds(waiters, 410, "session kicked");
             self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
             self.store_session_closed(sid);
         }

@@ -57,6 +57,16 @@ pub struct Request<'a> {
     pub accept: Option<&'a str>,
     /// `Authorization`.
     pub authorization: Option<&'a str>,
+    /// `Upgrade: websocket` with `Connection: upgrade`: a WebSocket handshake.
+    pub websocket: bool,
+    /// `Sec-WebSocket-Key`.
+    pub ws_key: Option<&'a str>,
+    /// `Sec-WebSocket-Version`.
+    pub ws_version: Option<&'a str>,
+    /// `Sec-WebSocket-Protocol` (the subprotocols offered, comma-separated).
+    pub ws_protocol: Option<&'a str>,
+    /// `Host`.
+    pub host: Option<&'a str>,
 }
 
 impl Request<'_> {
@@ -138,6 +148,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
         ..Request::default()
     };
     let mut content_length: Option<usize> = None;
+    let (mut conn_upgrade, mut upgrade_ws) = (false, false);
     for h in req.headers.iter() {
         // Most of a browser's header lines (User-Agent, Accept-Language, Sec-Fetch-*) are none of
         // those read here: they are passed over on their name, their value never looked at.
@@ -154,6 +165,8 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
                         r.keep_alive = false;
                     } else if token.eq_ignore_ascii_case("keep-alive") && http10 {
                         r.keep_alive = true;
+                    } else if token.eq_ignore_ascii_case("upgrade") {
+                        conn_upgrade = true;
                     }
                 }
                 continue;
@@ -178,6 +191,14 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
                 });
                 continue;
             }
+            Field::Upgrade => {
+                upgrade_ws |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+                continue;
+            }
+            Field::WsKey => &mut r.ws_key,
+            Field::WsVersion => &mut r.ws_version,
+            Field::WsProtocol => &mut r.ws_protocol,
+            Field::Host => &mut r.host,
             Field::IfModifiedSince => &mut r.if_modified_since,
             Field::IfNoneMatch => &mut r.if_none_match,
             Field::LastEventId => &mut r.last_event_id,
@@ -188,6 +209,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
         };
         *slot = Some(value);
     }
+    r.websocket = conn_upgrade && upgrade_ws;
     r.content_length = content_length.unwrap_or(0);
     if r.content_length > max_body {
         return Err(fail(413, "body too large"));
@@ -209,6 +231,11 @@ enum Field {
     ContentType,
     Accept,
     Authorization,
+    Upgrade,
+    WsKey,
+    WsVersion,
+    WsProtocol,
+    Host,
 }
 
 impl Field {
@@ -229,6 +256,11 @@ impl Field {
             (14, b'c') => (Field::ContentLength, "content-length"),
             (17, b'i') => (Field::IfModifiedSince, "if-modified-since"),
             (17, b't') => (Field::TransferEncoding, "transfer-encoding"),
+            (4, b'h') => (Field::Host, "host"),
+            (7, b'u') => (Field::Upgrade, "upgrade"),
+            (17, b's') => (Field::WsKey, "sec-websocket-key"),
+            (21, b's') => (Field::WsVersion, "sec-websocket-version"),
+            (22, b's') => (Field::WsProtocol, "sec-websocket-protocol"),
             _ => return None,
         };
         name.eq_ignore_ascii_case(want).then_some(field)
@@ -298,14 +330,16 @@ pub fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// A message cursor from a request: Ok(None) when the request carries none, Err on a malformed
-/// one. `last_event_id` (query) wins over `Last-Event-ID`, which wins over the
-/// `If-Modified-Since` / `If-None-Match` pair.
+/// one. The `Last-Event-ID` header wins over `last_event_id` (query), which wins over the
+/// `If-Modified-Since` / `If-None-Match` pair: a browser's EventSource reconnects to the URL it
+/// was opened with (perhaps with an old `last_event_id`) and sends its newest id in the header.
 pub fn cursor(req: &Request<'_>) -> Result<Option<MsgId>, HttpError> {
     let bad = fail(400, "bad cursor: expected <unix-time>:<tag> or an HTTP date");
-    let compound = match query_arg(req.query, "last_event_id") {
-        Some(Some(v)) => Some(v),
-        Some(None) => return Err(bad),
-        None => req.last_event_id.map(Cow::Borrowed),
+    let compound = match (req.last_event_id, query_arg(req.query, "last_event_id")) {
+        (Some(v), _) => Some(Cow::Borrowed(v)),
+        (None, Some(Some(v))) => Some(v),
+        (None, Some(None)) => return Err(bad),
+        (None, None) => None,
     };
     if let Some(v) = compound {
         let (t, tag) = v.split_once(':').ok_or(bad)?;
@@ -494,11 +528,23 @@ mod tests {
         .unwrap();
         assert_eq!((r.origin, r.accept, r.keep_alive), (Some("http://o"), None, false));
         assert_eq!(cursor(&r), Ok(Some(MsgId { time: 10, tag: 5 })));
-        for name in ["cookiE", "origin", "accept", "Connection", "content-type", "if-none-match", "Last-Event-ID", "authorization", "content-length", "If-Modified-Since", "transfer-encoding"] {
+        for name in ["cookiE", "origin", "accept", "Connection", "content-type", "if-none-match", "Last-Event-ID", "authorization", "content-length", "If-Modified-Since", "transfer-encoding", "Host", "upgrade", "Sec-WebSocket-Key", "sec-websocket-version", "Sec-WebSocket-Protocol"] {
             assert!(Field::of(name).is_some(), "{name}");
         }
-        for name in ["cookies", "host", "accepx", "x-origin", "range", "if-match", "content-lengths", "", "\u{e9}ookie"] {
+        for name in ["cookies", "hostname", "accepx", "x-origin", "range", "if-match", "content-lengths", "", "\u{e9}ookie"] {
             assert!(Field::of(name).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn websocket_handshake_heads() {
+        let ws = b"GET /sub/x HTTP/1.1\r\nHost: h:1\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ws+meta.nchan\r\n\r\n";
+        let (r, _) = parse(ws).unwrap().unwrap();
+        assert!(r.websocket);
+        assert_eq!((r.host, r.ws_key, r.ws_version, r.ws_protocol), (Some("h:1"), Some("k"), Some("13"), Some("ws+meta.nchan")));
+        // Both headers are needed: an Upgrade alone (or to another protocol) is a plain GET.
+        for head in [&b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..], b"GET / HTTP/1.1\r\nConnection: upgrade\r\n\r\n", b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n"] {
+            assert!(!parse(head).unwrap().unwrap().0.websocket);
         }
     }
 
@@ -547,6 +593,10 @@ mod tests {
             (req("last_event_id=100:2", None, None, None), Ok(Some(MsgId { time: 100, tag: 2 }))),
             (req("last_event_id=100%3A2", None, None, None), Ok(Some(MsgId { time: 100, tag: 2 }))),
             (req("", None, None, Some("7:1")), Ok(Some(MsgId { time: 7, tag: 1 }))),
+            // An EventSource's reconnect: the header's newer id beats the URL's old one.
+            (req("last_event_id=5:0", None, None, Some("7:1")), Ok(Some(MsgId { time: 7, tag: 1 }))),
+            (req("last_event_id=%zz", None, None, Some("7:1")), Ok(Some(MsgId { time: 7, tag: 1 }))),
+            (req("last_event_id=5:0", Some(date), Some("4"), None), Ok(Some(MsgId { time: 5, tag: 0 }))),
             (req("", Some(date), Some("4"), None), Ok(Some(MsgId { time: 100, tag: 4 }))),
             (req("", Some(date), Some("W/\"4\""), None), Ok(Some(MsgId { time: 100, tag: 4 }))),
             (req("", Some(date), None, None), Ok(Some(MsgId { time: 100, tag: 0 }))),

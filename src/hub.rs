@@ -3,8 +3,8 @@
 //! asks it what a poll gets (a buffered message, or to wait) and, on publish, which held polls to
 //! answer; the hub answers with ids (hold ids and slab tokens), never touching a connection.
 //!
-//! A message is encoded once at publish (`Message::http_tail`) and shared by `Arc` with every
-//! subscriber it reaches. Buffers expire in publish order: since every message lives the same
+//! A message is kept as published (`message.rs`), not in any wire format, and shared by `Arc`
+//! with every buffer and subscriber it reaches; each transport encodes it at most once. Buffers expire in publish order: since every message lives the same
 //! `message_ttl_secs`, one global FIFO of (expiry, channel) finds the expired ones without
 //! scanning channels.
 
@@ -27,16 +27,7 @@ impl std::fmt::Display for MsgId {
     }
 }
 
-/// A published message, shared by every buffer slot and output queue that holds it.
-#[derive(Debug)]
-pub struct Message {
-    /// Its id on its channel.
-    pub id: MsgId,
-    /// The 200 response's shared part: headers after the per-connection lines, then the body.
-    pub http_tail: Box<[u8]>,
-    /// Body length, for accounting.
-    pub body_len: usize,
-}
+pub use crate::message::Message;
 
 /// A poll waiting on a channel: its hold id (never reused) and the connection's slab token.
 pub type Waiters = HashMap<u64, usize, std::hash::BuildHasherDefault<IdHasher>>;
@@ -168,8 +159,6 @@ pub struct Hub {
     pub stats: Stats,
     /// The second the daemon started.
     start_second: u64,
-    /// The HTTP date of the last message's second, formatted once per second.
-    date: (u64, String),
     /// Whether drops are recorded for the store.
     track_drops: bool,
     /// Messages that left buffers since the store last took them: (channel, newest id dropped).
@@ -217,7 +206,6 @@ impl Hub {
             buffered: 0,
             stats: Stats::default(),
             start_second: u64::MAX,
-            date: (0, String::new()),
             track_drops: false,
             drops: Vec::new(),
         }
@@ -279,11 +267,7 @@ impl Hub {
             return;
         }
         ch.last_id = Some(id);
-        ch.messages.push_back(Arc::new(Message {
-            id,
-            http_tail: crate::http::message_tail(id, &crate::time::http_date(id.time), name, content_type, body).into_boxed_slice(),
-            body_len: body.len(),
-        }));
+        ch.messages.push_back(Arc::new(Message::new(id, name, content_type, body)));
         self.buffered += 1;
         if ch.messages.len() > self.buffer_length {
             if let Some(old) = ch.messages.pop_front() {
@@ -317,6 +301,15 @@ impl Hub {
     /// Counts messages handed out in a batch beyond the first.
     pub fn count_delivered(&mut self, n: usize) {
         self.stats.delivered += n as u64;
+    }
+
+    /// Puts streams answered by a publish back among `name`'s waiters: a stream, unlike a poll,
+    /// waits again for the next message under the same hold id.
+    pub fn rewait(&mut self, name: &str, streams: impl Iterator<Item = (u64, usize)>) {
+        let Some(ch) = self.channels.get_mut(name) else { return };
+        let before = ch.waiters.len();
+        ch.waiters.extend(streams);
+        self.held += ch.waiters.len() - before;
     }
 
     /// Removes waiter `hold` (timed out, or its connection went away).
@@ -355,14 +348,7 @@ impl Hub {
             _ => MsgId { time: now, tag: 0 },
         };
         ch.last_id = Some(id);
-        if self.date.0 != id.time || self.date.1.is_empty() {
-            self.date = (id.time, crate::time::http_date(id.time));
-        }
-        let msg = Arc::new(Message {
-            id,
-            http_tail: crate::http::message_tail(id, &self.date.1, origin, content_type, body).into_boxed_slice(),
-            body_len: body.len(),
-        });
+        let msg = Arc::new(Message::new(id, origin, content_type, body));
         ch.messages.push_back(msg.clone());
         self.buffered += 1;
         if ch.messages.len() > self.buffer_length {
@@ -562,7 +548,7 @@ mod tests {
     use super::*;
 
     fn body(m: &Message) -> &[u8] {
-        &m.http_tail[m.http_tail.len() - m.body_len..]
+        &m.body
     }
 
     fn got(p: Poll) -> Arc<Message> {

@@ -12,6 +12,9 @@
 //! http.rs      HTTP heads parsed (pure), responses encoded         \  protocol code:
 //! resp.rs      RESP2 commands parsed (pure), replies encoded       /  bytes in, result out
 //! browser.rs   a poll: identify the session, check the channel, hold or answer
+//! stream.rs    an EventSource or WebSocket stream: opened like a poll, fed by every publish
+//! sse.rs       the event-stream encoding (pure)
+//! ws.rs        WebSocket handshake key and frames, the client's frames checked (pure)
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
 //! guard.rs     failed-token counting per address: penalties, rate-limited log lines
 //! admin.rs     the push module's publisher endpoint, /status, /metrics, the admin page
@@ -19,6 +22,7 @@
 //! auth.rs      access checks: open patterns, signed keys, cache; SQLite and HTTP jobs
 //! worker.rs    the pool that runs blocking jobs, answering through the loop's Waker
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
+//! message.rs   a published message and its wire forms, each encoded at most once
 //! presence.rs  who is online and where, with grace; online/offline/join/leave events (pure)
 //! presence_rows.rs  those events as rows in the application's SQLite (worker jobs)
 //! store.rs     channel buffers persisted to SQLite, write-behind through the workers
@@ -39,12 +43,16 @@ pub mod http;
 pub mod hub;
 pub mod guard;
 pub mod log;
+pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod presence;
 pub mod presence_rows;
 pub mod resp;
 pub mod server;
+pub mod sse;
+pub mod stream;
 pub mod store;
 pub mod time;
 pub mod worker;
+pub mod ws;

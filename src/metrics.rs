@@ -53,11 +53,13 @@ impl Server {
         let mut o = String::with_capacity(4096);
         let _ = write!(
             o,
-            "{{\"time\":{},\"uptime\":{},\"connections\":{},\"held_polls\":{},\"online_count\":{},\"channel_count\":{},\"published\":{},\"delivered\":{},\"publish_rate\":{rate:.1},\"online\":[",
+            "{{\"time\":{},\"uptime\":{},\"connections\":{},\"held_polls\":{},\"eventsource_streams\":{},\"websocket_streams\":{},\"online_count\":{},\"channel_count\":{},\"published\":{},\"delivered\":{},\"publish_rate\":{rate:.1},\"online\":[",
             self.now_secs,
             self.started.elapsed().as_secs(),
             self.conns.len(),
-            self.hub.held_count(),
+            self.held_polls(),
+            self.open_streams[0],
+            self.open_streams[1],
             self.presence.online_count(),
             self.hub.channel_count(),
             self.hub.stats.published,
@@ -90,7 +92,17 @@ impl Server {
             ("{listener=\"control\"}", backends as f64),
             ("{listener=\"admin\"}", admins as f64),
         ]);
-        metric("held_polls", "gauge", "Long-polls held open.", &[("", self.hub.held_count() as f64)]);
+        metric("held_polls", "gauge", "Long-polls held open.", &[("", self.held_polls() as f64)]);
+        metric("streams", "gauge", "EventSource and WebSocket streams open.", &[
+            ("{transport=\"eventsource\"}", self.open_streams[0] as f64),
+            ("{transport=\"websocket\"}", self.open_streams[1] as f64),
+        ]);
+        let [es, ws] = k.stream_deliveries;
+        metric("deliveries_total", "counter", "Messages handed to subscribers, by transport.", &[
+            ("{transport=\"longpoll\"}", self.hub.stats.delivered.saturating_sub(es + ws) as f64),
+            ("{transport=\"eventsource\"}", es as f64),
+            ("{transport=\"websocket\"}", ws as f64),
+        ]);
         metric("sessions_online", "gauge", "Sessions online (polling, or within the grace period).", &[("", self.presence.online_count() as f64)]);
         metric("channels", "gauge", "Channels alive (messages buffered or polls held).", &[("", self.hub.channel_count() as f64)]);
         metric("buffered_messages", "gauge", "Messages in channel buffers.", &[("", self.hub.buffered_count() as f64)]);

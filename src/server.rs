@@ -15,6 +15,7 @@ use crate::auth::{self, Verdict};
 use crate::conn::{Chunk, Conn, Hold, Kind, OutQueue, PendingPoll, Phase};
 use crate::worker::{self, Outcome, Pool, Ticket};
 use crate::hub::{Hub, Message, Waiters};
+use crate::message::Wire;
 use crate::{debug, http, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -125,6 +126,8 @@ struct Timers {
     job: VecDeque<Timer>,
     /// Connections whose output has not moved: `idle_timeout` -> cut as a slow reader.
     write: VecDeque<Timer>,
+    /// Open streams: `stream_ping` -> a keep-alive (stamp: the stream's hold id).
+    ping: VecDeque<Timer>,
 }
 
 /// Counters for `INFO` and `/status`.
@@ -153,6 +156,8 @@ pub struct Counters {
     /// Access-check latency histogram: counts per `AUTH_BUCKETS` bound, then the sum in seconds.
     pub auth_latency: [u64; AUTH_BUCKETS.len()],
     pub auth_latency_sum: f64,
+    /// Messages written to streams: event streams, WebSockets.
+    pub stream_deliveries: [u64; 2],
 }
 
 /// A reply held back until the store has committed the message it acknowledges.
@@ -191,6 +196,8 @@ pub struct Server {
     ended_holds: Vec<Hold>,
     /// The waiters of the message being fanned out, in token order (kept for its capacity).
     fanout: Vec<(u64, usize)>,
+    /// The streams that message was written to, to wait again (kept for its capacity).
+    streams_fed: Vec<(u64, usize)>,
     /// The events of the turn, in token order (kept for its capacity).
     ready: Vec<Ready>,
     /// Store operations waiting for the next batch.
@@ -218,6 +225,8 @@ pub struct Server {
     /// Open connections by kind (browser, control, admin), kept as they open and close so
     /// `INFO` and `/metrics` do not walk every connection.
     pub open_by_kind: [usize; 3],
+    /// Open streams: event streams, WebSockets.
+    pub open_streams: [usize; 2],
     /// Unix seconds at the start of this turn (the hub's clock).
     pub now_secs: u64,
     /// Monotonic time at the start of this turn (the timers' clock).
@@ -242,7 +251,7 @@ pub struct Server {
     /// Last stamp handed out (connection ids, hold ids, phase stamps share it).
     last_stamp: u64,
     /// Connections to look at before sleeping (input left after a hold ended or output drained).
-    pending: Vec<usize>,
+    pub(crate) pending: Vec<usize>,
     /// Connections marked dead, freed before the next poll.
     dead: Vec<usize>,
     /// Connections that used up their read budget: driven again after the next poll.
@@ -250,7 +259,7 @@ pub struct Server {
     /// Read buffer shared by all connections: a read lands here, then only the bytes read are
     /// appended to the connection's own buffer. Between reads it is lent to `OutQueue::flush` to
     /// gather a small answer into one write.
-    scratch: Box<[u8]>,
+    pub(crate) scratch: Box<[u8]>,
     /// One emptied input buffer, for the next connection that reads (`free_inbuf`).
     spare_inbuf: Vec<u8>,
     handle: Handle,
@@ -375,6 +384,7 @@ impl Server {
             resp_spans: Vec::new(),
             ended_holds: Vec::new(),
             fanout: Vec::new(),
+            streams_fed: Vec::new(),
             ready: Vec::new(),
             rows_in_flight: false,
             rows_resync: false,
@@ -387,6 +397,7 @@ impl Server {
             conns: Slab::with_capacity(1024),
             counters: Counters::default(),
             open_by_kind: [0; 3],
+            open_streams: [0; 2],
             now_secs: crate::time::unix_now(),
             now: Instant::now(),
             started: Instant::now(),
@@ -504,9 +515,13 @@ impl Server {
             if self.conns.get(t).is_some_and(|c| c.dead) {
                 let mut c = self.conns.remove(t);
                 self.open_by_kind[c.kind as usize] -= 1;
-                if let Phase::Held(h) = &c.phase {
-                    self.hub.cancel(&h.channel, h.id);
-                    self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+                match &c.phase {
+                    Phase::Held(h) => {
+                        self.hub.cancel(&h.channel, h.id);
+                        self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+                    }
+                    Phase::Stream(s) => self.stream_closed(s),
+                    _ => {}
                 }
                 for ch in c.backend.iter().flat_map(|b| &b.subs) {
                     if let Some(set) = self.backend_subs.get_mut(ch) {
@@ -528,7 +543,7 @@ impl Server {
             return Some(Duration::ZERO);
         }
         let mut next = self.now + Duration::from_secs(1);
-        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle, &self.timers.job, &self.timers.write] {
+        for q in [&self.timers.hold, &self.timers.head, &self.timers.idle, &self.timers.job, &self.timers.write, &self.timers.ping] {
             if let Some(t) = q.front() {
                 next = next.min(t.at);
             }
@@ -972,7 +987,7 @@ impl Server {
         if c.eof && !c.dead {
             // The peer is gone or half-closed: a held poll has no one to answer; anything else
             // gets its pending answers flushed, then the connection closes.
-            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_)) || c.out.is_empty() {
+            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_)) || c.out.is_empty() {
                 self.kill(t);
             } else {
                 c.close_after_write = true;
@@ -988,6 +1003,7 @@ impl Server {
         }
         match c.kind {
             Kind::Control => self.control_input(t),
+            Kind::Browser if matches!(c.phase, Phase::Stream(_)) => self.stream_input(t),
             Kind::Browser | Kind::Admin => self.http_input(t),
         }
     }
@@ -1000,7 +1016,7 @@ impl Server {
                 return;
             }
             let waiting = match c.phase {
-                Phase::Held(_) | Phase::Authorizing(_) => return,
+                Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) => return,
                 Phase::Body(need) => need,
                 Phase::Idle | Phase::Head => 0,
             };
@@ -1136,23 +1152,14 @@ impl Server {
     /// Holds a poll, or answers it at once with a buffered message. Either way the session
     /// counts as polling (online, and on the channel) from now.
     pub fn hold(&mut self, t: usize, p: PendingPoll<'_>, user: Option<String>) {
+        if p.transport != crate::conn::Transport::LongPoll {
+            return self.open_stream(t, p, user);
+        }
         let id = self.stamp();
         let mut p = p;
         // An anonymous poll counts only while it is held: one answered at once from the buffer
         // (a client catching up) leaves no trace in presence, and costs it nothing.
-        let anonymous = p.sid.is_empty();
-        if !anonymous {
-            let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
-            // A session the application vouched for (opened it, or an access check named its
-            // user) is always tracked; a cookie nobody vouched for only while there is room, so
-            // made-up cookies cannot grow presence without bound.
-            let vouched = user.is_some() || self.hub.session(&p.sid).is_some();
-            let cap = if vouched { usize::MAX } else { self.cfg.limits.max_connections };
-            if !self.presence.poll_started_capped(&p.sid, user.as_deref(), &p.channel, id, t, cap, &mut self.events) {
-                // Counted as anonymous: it must end as anonymous too.
-                p.sid = Cow::Borrowed("");
-            }
-        }
+        let anonymous = !self.presence_start(&mut p, user, id, t);
         match self.hub.poll(&p.channel, p.cursor, id, t, self.now_secs) {
             crate::hub::Poll::Message(m, skipped) => {
                 if !anonymous {
@@ -1193,18 +1200,44 @@ impl Server {
         }
     }
 
+    /// Counts a poll or stream of a session as started in presence (hold `id` on connection
+    /// `t`). False when it is anonymous, which the caller counts (or not) itself.
+    pub(crate) fn presence_start(&mut self, p: &mut PendingPoll<'_>, user: Option<String>, id: u64, t: usize) -> bool {
+        if p.sid.is_empty() {
+            return false;
+        }
+        let user = user.or_else(|| self.hub.session(&p.sid).and_then(|s| s.user.clone()));
+        // A session the application vouched for (opened it, or an access check named its user)
+        // is always tracked; a cookie nobody vouched for only while there is room, so made-up
+        // cookies cannot grow presence without bound.
+        let vouched = user.is_some() || self.hub.session(&p.sid).is_some();
+        let cap = if vouched { usize::MAX } else { self.cfg.limits.max_connections };
+        if !self.presence.poll_started_capped(&p.sid, user.as_deref(), &p.channel, id, t, cap, &mut self.events) {
+            // Counted as anonymous: it must end as anonymous too.
+            p.sid = Cow::Borrowed("");
+        }
+        true
+    }
+
+    /// Queues a keep-alive for stream `t` (hold `id`), when keep-alives are on.
+    pub(crate) fn start_ping_timer(&mut self, t: usize, id: u64) {
+        if let Some(every) = self.cfg.browser.stream_ping {
+            self.timers.ping.push_back(Timer { at: self.now + every, token: t, stamp: id });
+        }
+    }
+
     fn answer_message(&mut self, t: usize, lines: &Option<Arc<[u8]>>, m: &Arc<Message>, keep_alive: bool) {
         self.refresh_date();
         let Some(c) = self.conns.get_mut(t) else { return };
         let head = &self.ok_heads[usize::from(keep_alive)];
-        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[head, lines.as_deref().unwrap_or_default(), &m.http_tail]) {
+        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[head, lines.as_deref().unwrap_or_default(), m.wire(Wire::Http)]) {
             Ok(true) => {}
             Ok(false) => {
                 c.out.push(Chunk::Shared(head.clone()));
                 if let Some(lines) = lines {
                     c.out.push(Chunk::Shared(lines.clone()));
                 }
-                c.out.push(Chunk::Msg(m.clone()));
+                c.out.push(Chunk::Msg(m.clone(), Wire::Http));
             }
             Err(e) => {
                 debug!("write to {} failed: {e}", c.peer);
@@ -1225,7 +1258,7 @@ impl Server {
         let Some(last) = batch.last().map(|m| m.id) else { return };
         let boundary = &self.boundary;
         let framing = boundary.len() + 6; // "--" boundary "\r\n" before, "\r\n" after
-        let len: usize = batch.iter().map(|m| m.http_tail.len() + framing).sum::<usize>() + boundary.len() + 6;
+        let len: usize = batch.iter().map(|m| m.wire(Wire::Http).len() + framing).sum::<usize>() + boundary.len() + 6;
         self.hub.count_delivered(batch.len() - 1);
         let Some(c) = self.conns.get_mut(t) else { return };
         let date = &self.date;
@@ -1245,24 +1278,24 @@ impl Server {
         // Small parts are copied into one buffer: a part of a few hundred bytes costs less to
         // copy than to queue as chunks of its own, and the whole batch then goes out in one
         // `writev` instead of one per handful of parts. Large tails are still shared, not copied.
-        let small: usize = batch.iter().filter(|m| m.http_tail.len() < COPY_PART_BELOW).map(|m| m.http_tail.len() + framing).sum();
+        let small: usize = batch.iter().filter(|m| m.wire(Wire::Http).len() < COPY_PART_BELOW).map(|m| m.wire(Wire::Http).len() + framing).sum();
         c.out.append(|o| {
             o.reserve(small + boundary.len() + 8);
             o.extend_from_slice(b"\r\n");
         });
         for m in batch {
-            let copy = m.http_tail.len() < COPY_PART_BELOW;
+            let copy = m.wire(Wire::Http).len() < COPY_PART_BELOW;
             c.out.append(|o| {
                 o.extend_from_slice(b"--");
                 o.extend_from_slice(boundary.as_bytes());
                 o.extend_from_slice(b"\r\n");
                 if copy {
-                    o.extend_from_slice(&m.http_tail);
+                    o.extend_from_slice(m.wire(Wire::Http));
                     o.extend_from_slice(b"\r\n");
                 }
             });
             if !copy {
-                c.out.push(Chunk::Msg(m));
+                c.out.push(Chunk::Msg(m, Wire::Http));
                 c.out.append(|o| o.extend_from_slice(b"\r\n"));
             }
         }
@@ -1326,13 +1359,14 @@ impl Server {
 
     /// Ends a held poll that is still a waiter in the hub (kick, timeout): removes it there, then
     /// answers it.
-    pub fn cut_hold(&mut self, t: usize, id: u64, status: u16) {
+    pub fn cut_hold(&mut self, t: usize, id: u64, status: u16, why: &str) {
         let channel = match self.conns.get(t).map(|c| &c.phase) {
             Some(Phase::Held(h)) if h.id == id => h.channel.clone(),
+            Some(Phase::Stream(s)) if s.hold.id == id => s.hold.channel.clone(),
             _ => return,
         };
         self.hub.cancel(&channel, id);
-        self.end_hold(t, id, status);
+        self.end_hold(t, id, status, why);
     }
 
     /// Publishes a message: answers the held polls it reaches, copies it to the private
@@ -1364,21 +1398,27 @@ impl Server {
         // events in that order (`run`).
         let mut ended = std::mem::take(&mut self.ended_holds);
         let mut order = std::mem::take(&mut self.fanout);
+        let mut streams = std::mem::take(&mut self.streams_fed);
         order.extend(waiters);
         order.sort_unstable_by_key(|&(_, t)| t);
         for (id, t) in order.drain(..) {
             if let Some(h) = self.detach_hold(t, id) {
                 self.answer_message(t, &h.lines, &msg, h.keep_alive);
                 ended.push(h);
+            } else if self.stream_deliver(t, id, &msg) {
+                streams.push((id, t));
             }
         }
         self.fanout = order;
-        let n = ended.len();
+        let n = ended.len() + streams.len();
+        // Streams wait again for the next message.
+        self.hub.rewait(channel, streams.drain(..));
+        self.streams_fed = streams;
         for h in ended.drain(..) {
             self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
         }
         self.ended_holds = ended;
-        debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len);
+        debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len());
         n
     }
 
@@ -1421,14 +1461,18 @@ impl Server {
         self.presence_rows(events);
     }
 
-    /// Answers held polls that end without a message (408, 410, 503), the cursor echoed.
-    pub fn end_holds(&mut self, waiters: Waiters, status: u16) {
+    /// Answers held polls that end without a message (408, 410, 503), the cursor echoed, and
+    /// ends streams saying `why` ("channel deleted").
+    pub fn end_holds(&mut self, waiters: Waiters, status: u16, why: &str) {
         for (id, t) in waiters {
-            self.end_hold(t, id, status);
+            self.end_hold(t, id, status, why);
         }
     }
 
-    fn end_hold(&mut self, t: usize, id: u64, status: u16) {
+    fn end_hold(&mut self, t: usize, id: u64, status: u16, why: &str) {
+        if matches!(self.conns.get(t).map(|c| &c.phase), Some(Phase::Stream(s)) if s.hold.id == id) {
+            return self.end_stream(t, status, why);
+        }
         let Some(h) = self.take_hold(t, id) else { return };
         let mut lines = String::from_utf8_lossy(h.lines.as_deref().unwrap_or_default()).into_owned();
         lines.push_str(&http::cursor_headers(h.cursor));
@@ -1504,7 +1548,7 @@ impl Server {
     fn compact_timers(&mut self) {
         let limit = 2 * self.conns.len() + 1024;
         let conns = &self.conns;
-        for q in [&mut self.timers.hold, &mut self.timers.head, &mut self.timers.idle, &mut self.timers.job] {
+        for q in [&mut self.timers.hold, &mut self.timers.head, &mut self.timers.idle, &mut self.timers.job, &mut self.timers.ping] {
             if q.len() > limit {
                 q.retain(|x| conns.get(x.token).is_some_and(|c| c.stamp == x.stamp && !c.dead));
                 q.shrink_to(limit);
@@ -1522,7 +1566,7 @@ impl Server {
         let now = Instant::now();
         while self.timers.hold.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.hold.pop_front() else { break };
-            self.cut_hold(x.token, x.stamp, 408);
+            self.cut_hold(x.token, x.stamp, 408, "timeout");
         }
         self.presence.tick(now, &mut self.events);
         while self.timers.job.front().is_some_and(|x| x.at <= now) {
@@ -1561,6 +1605,10 @@ impl Server {
                 self.counters.slow_readers += 1;
                 self.kill(x.token);
             }
+        }
+        while self.timers.ping.front().is_some_and(|x| x.at <= now) {
+            let Some(x) = self.timers.ping.pop_front() else { break };
+            self.stream_ping(x.token, x.stamp);
         }
         while self.timers.idle.front().is_some_and(|x| x.at <= now) {
             let Some(x) = self.timers.idle.pop_front() else { break };
@@ -1602,13 +1650,21 @@ impl Server {
         for t in tokens {
             let c = &mut self.conns[t];
             c.close_after_write = true;
-            if let Phase::Held(h) = &c.phase {
-                let id = h.id;
-                self.cut_hold(t, id, 503);
+            if let Phase::Held(Hold { id, .. }) = &c.phase {
+                let id = *id;
+                self.cut_hold(t, id, 503, "shutting down");
+            } else if let Phase::Stream(s) = &c.phase {
+                let id = s.hold.id;
+                self.cut_hold(t, id, 503, "shutting down");
             } else if c.out.is_empty() {
                 self.kill(t);
             }
         }
+    }
+
+    /// Long-polls held (the hub's waiters less the open streams).
+    pub fn held_polls(&self) -> usize {
+        self.hub.held_count().saturating_sub(self.open_streams[0] + self.open_streams[1])
     }
 
     /// The `INFO` text (RESP `INFO`, admin `/status`).
@@ -1617,7 +1673,7 @@ impl Server {
         let s = &self.hub.stats;
         format!(
             "# Server\r\ncomet_version:{}\r\nprocess_id:{}\r\nuptime_in_seconds:{}\r\nbrowser_listen:{}\r\ncontrol_listen:{}\r\nadmin_listen:{}\r\n\
-             # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\nonline_sessions:{}\r\npubsub_channels:{}\r\n\
+             # Clients\r\nconnected_browsers:{browsers}\r\nheld_polls:{}\r\neventsource_streams:{}\r\nwebsocket_streams:{}\r\nconnected_backends:{backends}\r\nconnected_admin:{admins}\r\nonline_sessions:{}\r\npubsub_channels:{}\r\n\
              # Stats\r\nchannels:{}\r\nsessions:{}\r\nbuffered_messages:{}\r\nmessages_published:{}\r\nmessages_delivered:{}\r\n\
              total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n\
              # Auth\r\nauth_mode:{}\r\nauth_cache_entries:{}\r\nauth_cache_hits:{}\r\nauth_jobs:{}\r\nauth_db_queries:{}\r\nauth_http_requests:{}\r\n\
@@ -1628,7 +1684,9 @@ impl Server {
             self.addrs[0],
             self.addrs[1],
             self.addrs[2],
-            self.hub.held_count(),
+            self.held_polls(),
+            self.open_streams[0],
+            self.open_streams[1],
             self.presence.online_count(),
             self.backend_subs.len(),
             self.hub.channel_count(),
