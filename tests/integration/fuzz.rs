@@ -448,11 +448,11 @@ fn fuzz_http_cursor() {
             }
         }
         // What the documented precedence says, where the inputs are known-good.
-        let expect: Option<Result<Option<MsgId>, ()>> = if use_q == 1 {
-            lei_q_want.map(|id| Ok(Some(id)))
-        } else if use_q == 0 && with_lei_h {
+        let expect: Option<Result<Option<MsgId>, ()>> = if with_lei_h {
             lei_h_want.map(|id| Ok(Some(id)))
-        } else if use_q == 0 && !with_lei_h {
+        } else if use_q == 1 {
+            lei_q_want.map(|id| Ok(Some(id)))
+        } else if use_q == 0 {
             if !with_ims {
                 Some(Ok(None))
             } else {
