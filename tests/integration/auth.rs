@@ -373,6 +373,32 @@ fn key_config() -> Config {
 // mode = "sqlite"
 // =============================================================================================
 
+/// Streams wait for their access check on the workers as polls do: allowed, the WebSocket
+/// upgrades and gets the publish; denied, the event stream is a plain 403 before it starts.
+#[test]
+fn sqlite_checks_streams_on_the_workers() {
+    let app = SqliteApp::start_with(|c| c.set("browser", "stream_ping_secs", "0"));
+    let d = &app.d;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let mut ws = d.browser();
+    ws.send(&get("/sub/goods", &[("Cookie", "PHPSESSID=sessAlice"), ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", key), ("Sec-WebSocket-Version", "13")]));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut ws.stream, &mut byte).expect("the upgrade");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+    assert_eq!(counter(d, "auth_jobs"), 1, "decided by a worker");
+    assert_eq!(d.publish("goods", "bid"), 1);
+    let mut frame = [0u8; 5];
+    std::io::Read::read_exact(&mut ws.stream, &mut frame).unwrap();
+    assert_eq!(&frame, &[0x81, 3, b'b', b'i', b'd']);
+    let r = d.browser().request(&get("/sub/goods", &[("Cookie", "PHPSESSID=sessBob"), ("Accept", "text/event-stream")]));
+    assert_eq!(r.status, 403, "{r}");
+    assert_eq!(d.info()["eventsource_streams"], "0");
+}
+
 #[test]
 fn sqlite_allowed_session_and_channel_is_held_and_gets_the_publish() {
     let app = SqliteApp::start();
