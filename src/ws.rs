@@ -83,6 +83,21 @@ pub fn frame(out: &mut Vec<u8>, op: Opcode, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// A client's frame: first byte `b0` (FIN, opcode), the payload masked with `mask`. The server
+/// never sends one; the load generator and the tests do.
+pub fn client_frame(b0: u8, mask: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    frame(&mut out, Opcode::Text, payload);
+    let at = out.len() - payload.len();
+    out[0] = b0;
+    out[1] |= 0x80;
+    out.splice(at..at, mask);
+    for (i, b) in out[at + 4..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+    out
+}
+
 /// A Close frame with a code and a reason (cut to fit a control frame's 125 bytes).
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let mut p = code.to_be_bytes().to_vec();
@@ -219,22 +234,7 @@ mod tests {
 
     /// A client frame, masked.
     fn client(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![b0];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        out
+        client_frame(b0, [0x37, 0xfa, 0x21, 0x3d], payload)
     }
 
     fn read_all(bytes: &[u8]) -> Result<Vec<Event>, Fail> {

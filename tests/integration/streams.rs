@@ -90,22 +90,7 @@ struct Ws {
 
 /// A masked client frame.
 fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [9u8, 0x81, 0x40, 0xee];
-    let mut out = vec![b0];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-    out
+    comet::ws::client_frame(b0, [9, 0x81, 0x40, 0xee], payload)
 }
 
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
