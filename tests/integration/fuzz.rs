@@ -1,5 +1,6 @@
-//! Property tests ("fuzzing" with std only) for the two wire parsers and the cursor reader:
-//! `comet::http::parse_head`, `comet::http::cursor` and `comet::resp::parse`.
+//! Property tests ("fuzzing" with std only) for the wire parsers and the cursor reader:
+//! `comet::http::parse_head`, `comet::http::cursor`, `comet::resp::parse` and the WebSocket
+//! client-frame reader `comet::ws::Reader`.
 //!
 //! Deterministic xorshift generators feed mutated valid inputs and junk to each function and
 //! check, for every input:
@@ -23,6 +24,7 @@ use crate::common::Rng;
 use comet::http::{self, Request};
 use comet::hub::MsgId;
 use comet::resp::{self, Limits};
+use comet::ws;
 use std::collections::BTreeMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -732,4 +734,87 @@ fn fuzz_resp_pipeline_chunking() {
         }
     }
     f.finish("resp::parse pipelines", i, started);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ws::Reader: a WebSocket client's frames
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `wire` fed in chunks of `step` bytes as the loop does; the events, or the first failure.
+fn ws_read(wire: &[u8], steps: &mut dyn FnMut() -> usize) -> Result<Vec<ws::Event>, ws::Fail> {
+    let mut r = ws::Reader::default();
+    let (mut buf, mut fed, mut got) = (Vec::new(), 0, Vec::new());
+    while fed < wire.len() {
+        let end = (fed + steps()).min(wire.len());
+        buf.extend_from_slice(&wire[fed..end]);
+        fed = end;
+        while let Some((ev, n)) = r.read(&buf)? {
+            assert!(n > 0 && n <= buf.len(), "a frame uses some of what is there");
+            buf.drain(..n);
+            got.extend(ev);
+        }
+    }
+    Ok(got)
+}
+
+/// Valid streams of client frames (data messages, some fragmented, with pings between), then
+/// mutated: the reader never panics, a valid stream reads back to its messages however it is
+/// chunked, and any input gives the same outcome whole or byte by byte.
+#[test]
+fn fuzz_ws_reader() {
+    let budget = Budget::from_env();
+    let mut rng = Rng::new(seed(5));
+    let mut f = Findings::default();
+    let started = Instant::now();
+    let mut i = 0;
+    while budget.go(i * 10) {
+        i += 1;
+        let mask = [rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8];
+        let (mut wire, mut want) = (Vec::new(), Vec::new());
+        for _ in 0..1 + rng.below(6) {
+            if rng.one_in(4) {
+                let n = rng.below(126);
+                let p = rng.bytes(n);
+                wire.extend(ws::client_frame(0x89, mask, &p));
+                want.push(ws::Event::Ping(p));
+                continue;
+            }
+            let text = rng.one_in(2);
+            let n = rng.below(if text { 300 } else { 20_000 });
+            let body: Vec<u8> = if text { (0..n).map(|_| b' ' + rng.below(90) as u8).collect() } else { rng.bytes(n) };
+            let parts = 1 + rng.below(3);
+            let cut = body.len() / parts;
+            for k in 0..parts {
+                let piece = if k + 1 == parts { &body[k * cut..] } else { &body[k * cut..(k + 1) * cut] };
+                let op = if k > 0 { 0 } else if text { 1 } else { 2 };
+                let fin = if k + 1 == parts { 0x80 } else { 0 };
+                wire.extend(ws::client_frame(fin | op, mask, piece));
+            }
+            want.push(if body.len() > ws::MAX_CLIENT_MESSAGE {
+                ws::Event::Close(None) // marker: the stream must fail with 1009 here
+            } else {
+                ws::Event::Message(if text { ws::Opcode::Text } else { ws::Opcode::Binary }, body.len())
+            });
+        }
+        let too_big = want.iter().position(|e| *e == ws::Event::Close(None));
+        let whole = guarded(&mut f, "no panic", &wire, || ws_read(&wire, &mut || usize::MAX));
+        let mut chunk = || 1 + Rng::new(seed(i)).below(50);
+        let chunked = guarded(&mut f, "no panic", &wire, || ws_read(&wire, &mut chunk));
+        match (&whole, too_big) {
+            (Some(Err(e)), Some(k)) if e.0 == ws::CLOSE_TOO_BIG && k < want.len() => {}
+            (Some(Ok(got)), None) if *got == want => {}
+            (Some(other), _) => f.add("valid frames read back to their messages", &wire, format!("{other:?}")),
+            (None, _) => {}
+        }
+        if whole.as_ref().map(|r| r.as_ref().map_err(|e| *e)) != chunked.as_ref().map(|r| r.as_ref().map_err(|e| *e)) {
+            f.add("chunking does not change the outcome", &wire, String::new());
+        }
+        let bad = mutate(&mut rng, wire, &[&[0x80], &[0x81], &[0x88], &[0xff], &[0x7f]]);
+        let a = guarded(&mut f, "no panic", &bad, || ws_read(&bad, &mut || usize::MAX));
+        let b = guarded(&mut f, "no panic", &bad, || ws_read(&bad, &mut || 1));
+        if a.as_ref().map(|r| r.as_ref().map_err(|e| *e)) != b.as_ref().map(|r| r.as_ref().map_err(|e| *e)) {
+            f.add("byte by byte reads as whole", &bad, format!("{a:?} vs {b:?}"));
+        }
+    }
+    f.finish("ws::Reader", i, started);
 }
