@@ -962,7 +962,7 @@ impl Server {
             self.process(t);
         }
         let Some(c) = self.conns.get_mut(t) else { return };
-        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_)) && !c.store_wait {
+        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_)) && !c.store_wait {
             // Full, nothing parseable, and nothing waiting on output: a request larger than any
             // the caps allow (say, a RESP command whose arguments add up past them). Refuse it
             // rather than wait forever for bytes that cannot fit.
@@ -1016,7 +1016,15 @@ impl Server {
                 return;
             }
             let waiting = match c.phase {
-                Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) => return,
+                Phase::Held(_) | Phase::Authorizing(_) => return,
+                Phase::Stream(_) => {
+                    // Bytes that came with the request that opened the stream (a WebSocket's first
+                    // frames) are the stream's to read.
+                    if !c.inbuf.is_empty() {
+                        self.pending.push(t);
+                    }
+                    return;
+                }
                 Phase::Body(need) => need,
                 Phase::Idle | Phase::Head => 0,
             };

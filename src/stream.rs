@@ -124,11 +124,8 @@ impl Server {
             c.out.push(Chunk::Msg(m, wire));
         }
         c.stamp = id;
-        if accept.is_none() {
-            // An event stream's client has nothing more to say; what it sends is dropped.
-            c.inbuf.clear();
-        } else if !c.inbuf.is_empty() {
-            // Frames sent right after the handshake.
+        if !c.inbuf.is_empty() {
+            // Sent after the request (a WebSocket's first frames): `stream_input` reads it.
             self.pending.push(t);
         }
         let PendingPoll { sid, echo, lines, .. } = p;

@@ -544,3 +544,24 @@ fn shutdown_ends_streams_with_503() {
     assert_eq!(w.close(), (1001, "503 Service Unavailable: shutting down".into()));
     assert!(d.wait_exit(Duration::from_secs(5)).is_some());
 }
+
+#[test]
+fn websocket_frames_sent_with_the_handshake_are_read() {
+    let d = Daemon::start_with(&config());
+    let host = d.browser.to_string();
+    let mut raw = get("/sub/goods", &[("Host", &host), ("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", KEY), ("Sec-WebSocket-Version", "13")]).into_bytes();
+    raw.extend(client_frame(0x89, b"early"));
+    let mut stream = TcpStream::connect(d.browser).unwrap();
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    stream.write_all(&raw).unwrap();
+    let mut w = Ws { stream, head: String::new(), buf: Vec::new() };
+    let mut all = Vec::new();
+    while !all.windows(4).any(|x| x == b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        w.stream.read_exact(&mut b).unwrap();
+        all.push(b[0]);
+    }
+    w.head = String::from_utf8_lossy(&all).into_owned();
+    assert!(w.head.starts_with("HTTP/1.1 101"), "{}", w.head);
+    assert_eq!(w.frame(), Some((10, b"early".to_vec())), "the Ping that came with the handshake is answered");
+}
