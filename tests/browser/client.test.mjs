@@ -418,3 +418,26 @@ test('@me skips EventSource: without WebSocket it is long-poll', async () => {
   await page.context().close();
   await resp(comet.control, TOKEN, 'SESSION.CLOSE', 'sidE');
 });
+
+test('WebSocket after a daemon restart: drops retry, and a refused reopen on @me is onClose(403)', async () => {
+  assert.equal(await resp(comet.control, TOKEN, 'SESSION.OPEN', 'sidR', 'rita'), 'OK');
+  const page = await newPage('sidR');
+  await page.evaluate(() => start('me', '@me', { retryMin: 200, retryMax: 1000 }));
+  await page.evaluate(() => start('pub', 'after-restart', { retryMin: 200, retryMax: 1000 }));
+  await until(async () => (await streams()).ws === 2, 5000, 'websocket_streams:2');
+  const addrs = { browser: comet.browser, control: comet.control, admin: comet.admin };
+  assert.equal(await comet.stop(), 0);
+  const errs = await waitEvents(page, 'me', 'error', 1);
+  assert.equal(errs[0].status, 503, 'the Close frame said 503 shutting down');
+  await sleep(500);
+  comet = await startComet(config(pageOrigin, addrs));
+  // Sessions live in memory: the restarted daemon refuses @me; the stream cannot say so, the
+  // probe poll can.
+  assert.equal((await waitEvents(page, 'me', 'close', 1, 8000))[0].status, 403);
+  // A public channel comes back on its WebSocket.
+  await until(async () => (await streams()).ws === 1, 8000, 'the WebSocket back');
+  assert.equal(await page.evaluate(() => subs.pub.transport), 'websocket');
+  await pub('after-restart', 'back');
+  assert.equal((await waitEvents(page, 'pub', 'message', 1))[0].data, 'back');
+  await page.context().close();
+});
