@@ -104,12 +104,12 @@
   // copies of JOINed channels must say where they were published (meta.channel): there it goes
   // from WebSocket straight to long-poll. Long-poll (XMLHttpRequest) is the last resort.
   function transportsFor(option, channel) {
-    var asked = option == null ? TRANSPORTS : [].concat(option), out = [];
+    var asked = option == null ? TRANSPORTS : [].concat(option), out = [], w = root || {};
     for (var i = 0; i < asked.length; i++) {
       var t = asked[i];
       if (TRANSPORTS.indexOf(t) === -1 || out.indexOf(t) !== -1) continue;
-      if (t === 'websocket' && typeof root.WebSocket !== 'function') continue;
-      if (t === 'eventsource' && (typeof root.EventSource !== 'function' || channel === '@me')) continue;
+      if (t === 'websocket' && typeof w.WebSocket !== 'function') continue;
+      if (t === 'eventsource' && (typeof w.EventSource !== 'function' || channel === '@me')) continue;
       out.push(t);
     }
     return out.length ? out : ['longpoll'];
@@ -117,7 +117,7 @@
 
   // http(s) -> ws(s); a relative base ("/push", "") is resolved against the page.
   function wsUrl(url) {
-    if (!/^https?:/i.test(url) && root.location) {
+    if (!/^https?:/i.test(url) && root && root.location) {
       if (typeof root.URL === 'function') url = new root.URL(url, root.location.href).href;
       else if (/^\/\//.test(url)) url = root.location.protocol + url;
       else url = root.location.protocol + '//' + root.location.host + url;
@@ -126,7 +126,7 @@
   }
 
   function utf8(bytes) {
-    if (typeof root.TextDecoder === 'function') return new root.TextDecoder('utf-8').decode(bytes);
+    if (root && typeof root.TextDecoder === 'function') return new root.TextDecoder('utf-8').decode(bytes);
     var s = '';
     for (var i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
     try { return decodeURIComponent(escape(s)); } catch (e) { return s; }
