@@ -284,6 +284,17 @@ for (const transport of TRANSPORTS) {
   });
 }
 
+test('WebSocket URLs: http -> ws, https -> wss, relative bases resolved against the page', async () => {
+  const page = await newPage();
+  const host = new URL(pageOrigin).host;
+  assert.deepEqual(await page.evaluate(() => [
+    Comet._wsUrl('http://push.site.com/sub/a'), Comet._wsUrl('https://push.site.com/push/sub/a?k=1'),
+    Comet._wsUrl('/push/sub/a'), Comet._wsUrl('/sub/a'), Comet._wsUrl('//other:81/sub/a'),
+  ]), ['ws://push.site.com/sub/a', 'wss://push.site.com/push/sub/a?k=1',
+    `ws://${host}/push/sub/a`, `ws://${host}/sub/a`, 'ws://other:81/sub/a']);
+  await page.context().close();
+});
+
 test('the default transport is WebSocket', async () => {
   const page = await newPage();
   await page.evaluate(() => start('d', 'dflt', {}));
