@@ -20,8 +20,8 @@
   // Statuses after which polling again cannot help: the page must act (log in again, ...).
   var FINAL = { 400: 1, 401: 1, 403: 1, 404: 1, 405: 1, 410: 1 };
   var TRANSPORTS = ['websocket', 'eventsource', 'longpoll'];
-  // A stream that has not opened by then is taken as unable to connect (a proxy that holds
-  // the upgrade, or buffers the event stream).
+  // A stream that has not opened by then is taken as unable to connect: a proxy that does not
+  // pass the upgrade on (the daemon then holds it as a poll), or buffers the event stream.
   var OPEN_TIMEOUT = 10000;
   var unloading = false;
   if (root && root.addEventListener) {
@@ -294,7 +294,7 @@
       self.stream = null;
       try { ws.close(); } catch (e) { /* closing */ }
       self.dropped(false, 0);
-    }, OPEN_TIMEOUT);
+    }, this.opts.openTimeout || OPEN_TIMEOUT);
     ws.onopen = function () { if (self.stream === ws) { open = true; self.opened(); } };
     ws.onmessage = function (ev) {
       if (self.stream !== ws) return;
@@ -325,7 +325,7 @@
       self.stream = null;
       es.close();
       self.dropped(false, 0);
-    }, OPEN_TIMEOUT);
+    }, this.opts.openTimeout || OPEN_TIMEOUT);
     es.onopen = function () { if (self.stream === es) { open = true; self.opened(); } };
     // No content type nor channel on the wire: the subscribed channel is the right one (@me,
     // where it would not be, never comes here).
