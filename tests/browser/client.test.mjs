@@ -339,6 +339,35 @@ test('a stream that cannot connect gives way to the next transport', async () =>
   await page.context().close();
 });
 
+test('streams that never open give way after openTimeout', async () => {
+  // A stand-in for a proxy that swallows upgrades and buffers event streams: it holds both
+  // without a word, and answers polls 403.
+  const hung = [];
+  const stub = http.createServer((req, res) => {
+    if (/event-stream/.test(req.headers.accept || '')) { hung.push(res); return; }
+    res.writeHead(403, { 'Access-Control-Allow-Origin': pageOrigin, 'Access-Control-Allow-Credentials': 'true' });
+    res.end('no');
+  });
+  stub.on('upgrade', (req, sock) => hung.push(sock));
+  await new Promise((r) => stub.listen(0, '127.0.0.1', r));
+  const page = await newPage();
+  const t0 = Date.now();
+  await page.evaluate((base) => {
+    subs.h = Comet.subscribe(base, 'goods', {
+      openTimeout: 400,
+      onClose: function (status) { window.events.push({ sub: 'h', kind: 'close', status: status }); },
+      onError: function (status) { window.events.push({ sub: 'h', kind: 'error', status: status }); },
+    });
+  }, `http://127.0.0.1:${stub.address().port}`);
+  assert.equal((await waitEvents(page, 'h', 'close', 1))[0].status, 403);
+  assert.ok(Date.now() - t0 >= 800, 'both streams waited out openTimeout');
+  assert.deepEqual(await events(page, 'h', 'error'), []);
+  assert.equal(hung.length, 2, 'one WebSocket and one EventSource tried');
+  await page.context().close();
+  for (const h of hung) h.destroy();
+  stub.close();
+});
+
 for (const transport of TRANSPORTS) {
   test(`transport '${transport}': a new subscription from lastId() gets exactly the missed messages`, async () => {
     const ch = `resume-${transport}`;
