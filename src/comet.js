@@ -1,10 +1,11 @@
-/*! comet.js: the browser client of the comet push daemon (nchan long-poll protocol). MIT.
+/*! comet.js: the browser client of the comet push daemon (WebSocket, EventSource, long-poll). MIT.
  *
  *   var sub = Comet.subscribe('/push', 'goods', {
  *     onMessage: function (data, meta) { ... },   // meta.channel, meta.id ("time:tag"), ...
  *     onError:   function (status, sub) { ... },  // 0 / 5xx / ...: it retries by itself
  *     onClose:   function (status, sub) { ... },  // 403 / 410 / ...: it has stopped
- *     persist:   true                             // resume after a reload (sessionStorage)
+ *     persist:   true,                            // resume after a reload (sessionStorage)
+ *     transport: ['websocket', 'eventsource', 'longpoll']  // the default: tried in this order
  *   });
  *   sub.stop();
  *
@@ -18,6 +19,10 @@
 
   // Statuses after which polling again cannot help: the page must act (log in again, ...).
   var FINAL = { 400: 1, 401: 1, 403: 1, 404: 1, 405: 1, 410: 1 };
+  var TRANSPORTS = ['websocket', 'eventsource', 'longpoll'];
+  // A stream that has not opened by then is taken as unable to connect: a proxy that does not
+  // pass the upgrade on (the daemon then holds it as a poll), or buffers the event stream.
+  var OPEN_TIMEOUT = 10000;
   var unloading = false;
   if (root && root.addEventListener) {
     // Navigating away aborts the poll (status 0): that is not an error worth showing.
@@ -94,11 +99,64 @@
     return m ? (m[1] || m[2]) : null;
   }
 
+  // The transports to try, in order: the option's, minus unknown names, those this browser
+  // lacks, and EventSource on @me. An event stream carries no channel name, and on @me the
+  // copies of JOINed channels must say where they were published (meta.channel): there it goes
+  // from WebSocket straight to long-poll. Long-poll (XMLHttpRequest) is the last resort.
+  function transportsFor(option, channel) {
+    var asked = option == null ? TRANSPORTS : [].concat(option), out = [], w = root || {};
+    for (var i = 0; i < asked.length; i++) {
+      var t = asked[i];
+      if (TRANSPORTS.indexOf(t) === -1 || out.indexOf(t) !== -1) continue;
+      if (t === 'websocket' && typeof w.WebSocket !== 'function') continue;
+      if (t === 'eventsource' && (typeof w.EventSource !== 'function' || channel === '@me')) continue;
+      out.push(t);
+    }
+    return out.length ? out : ['longpoll'];
+  }
+
+  // http(s) -> ws(s); a relative base ("/push", "") is resolved against the page.
+  function wsUrl(url) {
+    if (!/^https?:/i.test(url) && root && root.location) {
+      if (typeof root.URL === 'function') url = new root.URL(url, root.location.href).href;
+      else if (/^\/\//.test(url)) url = root.location.protocol + url;
+      else url = root.location.protocol + '//' + root.location.host + url;
+    }
+    return url.replace(/^http/i, 'ws');
+  }
+
+  function utf8(bytes) {
+    if (root && typeof root.TextDecoder === 'function') return new root.TextDecoder('utf-8').decode(bytes);
+    var s = '';
+    for (var i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]);
+    try { return decodeURIComponent(escape(s)); } catch (e) { return s; }
+  }
+
+  // A ws+meta.comet frame -> {id, type, channel, body (string), bytes (binary frames only)}:
+  // "id: <time>:<tag>\ncontent-type: <ct>\nchannel: <channel>\n\n<body>".
+  function parseFrame(payload) {
+    var head, body, bytes = null;
+    if (typeof payload === 'string') {
+      var i = payload.indexOf('\n\n');
+      head = i === -1 ? payload : payload.slice(0, i);
+      body = i === -1 ? '' : payload.slice(i + 2);
+    } else {
+      var b = new Uint8Array(payload), j = 0;
+      while (j + 1 < b.length && !(b[j] === 10 && b[j + 1] === 10)) j++;
+      var end = j + 1 < b.length ? j : b.length;
+      head = utf8(b.subarray(0, end));
+      bytes = payload.slice(Math.min(end + 2, b.length));
+      body = utf8(new Uint8Array(bytes));
+    }
+    var h = parseHeaders(head);
+    return { id: parseCursor(h.id), type: h['content-type'] || '', channel: h.channel || null, body: body, bytes: bytes };
+  }
+
   function storage() {
     try { return root.sessionStorage || null; } catch (e) { return null; }
   }
 
-  /** One long-poll subscription to one channel. */
+  /** One subscription to one channel, over the first transport that connects. */
   function Subscription(base, channel, opts) {
     opts = opts || {};
     this.channel = channel;
@@ -113,10 +171,18 @@
     // new login in the same tab does not resume after the previous session's last id.
     this.storeKey = opts.persist ? 'comet:' + (typeof opts.persist === 'string' ? opts.persist + ':' : '') + this.url : null;
     this.cursor = parseCursor(opts.since) || this.load();
+    this.transports = transportsFor(opts.transport, channel);
+    this.index = 0; // into transports: the one in use
+    this.transport = this.transports[0];
+    this.worked = false; // the transport in use has opened once: it stays
+    // The next try is one long poll: a stream that cannot open does not show why (a WebSocket
+    // or EventSource refused with 403 only says "error"), a poll's status does.
+    this.probe = false;
     this.xhr = null;
+    this.stream = null; // the open (or opening) WebSocket or EventSource
     this.timer = null;
     var self = this;
-    this.wake = function () { if (self.timer && self.running) { self.clearTimer(); self.poll(); } };
+    this.wake = function () { if (self.timer && self.running) { self.clearTimer(); self.connect(); } };
     this.start();
   }
 
@@ -137,7 +203,7 @@
     if (this.running) return this;
     this.running = true;
     if (root && root.addEventListener) root.addEventListener('online', this.wake);
-    this.poll();
+    this.connect();
     return this;
   };
 
@@ -152,7 +218,159 @@
       this.xhr = null;
       try { x.abort(); } catch (e) { /* already done */ }
     }
+    if (this.stream) {
+      var s = this.stream;
+      this.stream = null;
+      try { s.close(); } catch (e) { /* already closed */ }
+    }
     return this;
+  };
+
+  // Opens the transport in use (or the probe poll).
+  Subscription.prototype.connect = function () {
+    if (!this.running) return;
+    this.transport = this.transports[this.index];
+    if (this.probe || this.transport === 'longpoll') this.poll();
+    else if (this.transport === 'websocket') this.openWebSocket();
+    else this.openEventSource();
+  };
+
+  // The poll after a 200 or 408: the next one, or back to the stream once the probe answered.
+  Subscription.prototype.again = function () {
+    if (this.probe) { this.probe = false; this.connect(); } else this.poll();
+  };
+
+  // A stream's URL: the cursor goes in the query, as neither transport can set headers.
+  Subscription.prototype.streamUrl = function () {
+    var o = this.opts, q = [];
+    if (o.query) q.push(String(o.query).replace(/^[?&]/, ''));
+    if (this.cursor) q.push('last_event_id=' + encodeURIComponent(cursorString(this.cursor)));
+    return q.length ? this.url + (this.url.indexOf('?') === -1 ? '?' : '&') + q.join('&') : this.url;
+  };
+
+  Subscription.prototype.opened = function () {
+    clearTimeout(this.guard);
+    this.attempt = 0;
+    this.worked = true;
+  };
+
+  // The stream ended without a final word. Before it ever opened, a transport that never
+  // worked gives way to the next one at once; anything else is a drop: back off, then try the
+  // same transport again (after a probe poll when it could not open).
+  Subscription.prototype.dropped = function (wasOpen, status) {
+    clearTimeout(this.guard);
+    this.stream = null;
+    if (!this.running) return;
+    if (!wasOpen && !this.worked && this.index < this.transports.length - 1) {
+      this.index++;
+      this.connect();
+      return;
+    }
+    if (!wasOpen) this.probe = true;
+    this.fail(status);
+  };
+
+  // "410 Gone: channel deleted", "503 shutting down", ...: true when it stopped the subscription.
+  Subscription.prototype.ended = function (reason) {
+    var status = parseInt(reason, 10);
+    if (!FINAL[status]) return false;
+    this.stop();
+    this.onClose(status, this);
+    return true;
+  };
+
+  Subscription.prototype.openWebSocket = function () {
+    var self = this, open = false, ws;
+    try {
+      ws = new root.WebSocket(wsUrl(this.streamUrl()), 'ws+meta.comet');
+    } catch (e) {
+      this.dropped(false, 0); // a URL the browser refuses (e.g. ws: from an https page)
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.stream = ws;
+    this.guard = setTimeout(function () {
+      if (self.stream !== ws || open) return;
+      self.stream = null;
+      try { ws.close(); } catch (e) { /* closing */ }
+      self.dropped(false, 0);
+    }, this.opts.openTimeout || OPEN_TIMEOUT);
+    ws.onopen = function () { if (self.stream === ws) { open = true; self.opened(); } };
+    ws.onmessage = function (ev) {
+      if (self.stream !== ws) return;
+      var f = parseFrame(ev.data);
+      self.take(f.body, f.id, f.type, f.channel, f.bytes);
+    };
+    // Every error is followed by a close, so close alone decides. Pings are answered by the
+    // browser itself.
+    ws.onclose = function (ev) {
+      if (self.stream !== ws) return;
+      self.stream = null;
+      if (open && self.ended(ev.reason)) return;
+      self.dropped(open, parseInt(ev.reason, 10) || 0);
+    };
+  };
+
+  Subscription.prototype.openEventSource = function () {
+    var self = this, open = false, es;
+    try {
+      es = new root.EventSource(this.streamUrl(), { withCredentials: this.opts.withCredentials !== false });
+    } catch (e) {
+      this.dropped(false, 0);
+      return;
+    }
+    this.stream = es;
+    this.guard = setTimeout(function () {
+      if (self.stream !== es || open) return;
+      self.stream = null;
+      es.close();
+      self.dropped(false, 0);
+    }, this.opts.openTimeout || OPEN_TIMEOUT);
+    es.onopen = function () { if (self.stream === es) { open = true; self.opened(); } };
+    // No content type nor channel on the wire: the subscribed channel is the right one (@me,
+    // where it would not be, never comes here).
+    es.onmessage = function (ev) {
+      if (self.stream === es) self.take(ev.data, parseCursor(ev.lastEventId), '', null, null);
+    };
+    es.addEventListener('close', function (ev) {
+      if (self.stream !== es) return;
+      self.stream = null;
+      es.close();
+      if (!self.ended(ev.data)) self.dropped(true, parseInt(ev.data, 10) || 0);
+    });
+    // The browser would reconnect by itself, but without the backoff, the fallback and the
+    // onError the page expects: close it and reconnect here, with the cursor in the URL.
+    es.onerror = function () {
+      if (self.stream !== es) return;
+      self.stream = null;
+      es.close();
+      self.dropped(open, 0);
+    };
+  };
+
+  // One message from a stream.
+  Subscription.prototype.take = function (body, id, type, channel, bytes) {
+    if (id) { this.cursor = id; this.save(); }
+    var meta = {
+      id: cursorString(id), time: id ? id.time : null, tag: id ? id.tag : null,
+      channel: channel || this.channel, subscription: this.channel, contentType: type, batch: null
+    };
+    if (bytes) meta.bytes = bytes;
+    this.emit(body, meta);
+  };
+
+  // onMessage for one message (parsed under json), guarded against the page's own errors.
+  Subscription.prototype.emit = function (raw, meta) {
+    var data = raw;
+    if (this.opts.json) {
+      try { data = JSON.parse(raw); } catch (e) { this.onError(200, this, e, raw); return; }
+    }
+    try {
+      this.onMessage(data, meta, this);
+    } catch (e) {
+      // A bug in the page's handler must not stop the stream (nor be retried): report it.
+      setTimeout(function () { throw e; }, 0);
+    }
   };
 
   Subscription.prototype.clearTimer = function () {
@@ -193,15 +411,19 @@
   Subscription.prototype.done = function (x) {
     if (!this.running) return;
     var status = x.status;
+    // Long-poll reached as a fallback, and even it got no answer: the daemon is down, not the
+    // streams refused. The next try starts again from the first transport.
+    if (status !== 0) this.worked = true;
+    else if (!this.worked && !this.probe) this.index = 0;
     if (status === 200) {
       this.attempt = 0;
       try { this.deliver(x); } catch (e) { this.fail(status, e); return; }
-      this.poll();
+      this.again();
     } else if (status === 408 || status === 304 || status === 204) {
       // Nothing new within the hold time: poll again at once, with the echoed cursor if any.
       this.attempt = 0;
       this.cursor = cursorFrom(x.getResponseHeader('Last-Modified'), x.getResponseHeader('Etag')) || this.cursor;
-      this.poll();
+      this.again();
     } else if (FINAL[status]) {
       this.stop();
       this.onClose(status, this);
@@ -241,16 +463,7 @@
         channel: m.channel || this.channel, subscription: this.channel, contentType: m.type,
         batch: msgs.length > 1 ? { index: j, size: msgs.length } : null
       };
-      var data = m.data;
-      if (this.opts.json) {
-        try { data = JSON.parse(data); } catch (e) { this.onError(200, this, e, m.data); continue; }
-      }
-      try {
-        this.onMessage(data, meta, this);
-      } catch (e) {
-        // A bug in the page's handler must not stop the stream (nor be retried): report it.
-        setTimeout(function () { throw e; }, 0);
-      }
+      this.emit(m.data, meta);
       if (!this.running) return; // stopped from inside onMessage
     }
   };
@@ -265,7 +478,7 @@
     if (!this.running) return;
     var self = this;
     this.clearTimer();
-    this.timer = setTimeout(function () { self.timer = null; self.poll(); }, d);
+    this.timer = setTimeout(function () { self.timer = null; self.connect(); }, d);
   };
 
   /** Several subscriptions stopped together. */
@@ -276,7 +489,7 @@
   };
 
   return {
-    version: '1.0.0',
+    version: '1.1.0',
     /**
      * Comet.subscribe(base, channel | [channels], options) -> Subscription (or a Group with
      * .subs and .stop() for an array). base: where the daemon's browser listener is mounted
@@ -294,6 +507,8 @@
     Subscription: Subscription,
     // Exposed for tests.
     _parseMultipart: parseMultipart,
-    _cursorFrom: cursorFrom
+    _cursorFrom: cursorFrom,
+    _parseFrame: parseFrame,
+    _wsUrl: wsUrl
   };
 });

@@ -35,10 +35,17 @@ const numsub = async (ch) => (await resp(comet.control, TOKEN, 'PUBSUB', 'NUMSUB
 // Waits until a poll is held on `ch` (a message published before is buffered and fetched by the
 // next poll anyway; this is for tests that want the held path, or a client that came back).
 const held = (ch) => until(async () => (await numsub(ch)) >= 1, 5000, `a poll held on ${ch}`);
+// One INFO field, as a number.
+const info = async (field) => Number(new RegExp(`^${field}:(\\d+)`, 'm').exec(await resp(comet.control, TOKEN, 'INFO'))[1]);
+const streams = async () => ({ ws: await info('websocket_streams'), es: await info('eventsource_streams') });
+const TRANSPORTS = ['websocket', 'eventsource', 'longpoll'];
 
 // The page: loads comet.js from the daemon, and records every callback in window.events.
-function pageHtml() {
+// `/?hide=WebSocket,EventSource` plays a browser without those (undefined before comet.js loads).
+function pageHtml(url) {
+  const hide = (new URL(url, 'http://x').searchParams.get('hide') || '').split(',').filter((n) => /^\w+$/.test(n));
   return `<!doctype html><meta charset="utf-8"><title>comet.js test</title>
+<script>${hide.map((n) => `window.${n} = undefined;`).join(' ')}</script>
 <script src="http://${comet.browser}/comet.js"></script>
 <pre id="log"></pre>
 <script>
@@ -59,7 +66,7 @@ function pageHtml() {
 before(async () => {
   server = http.createServer((req, res) => {
     res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
-    res.end(pageHtml());
+    res.end(pageHtml(req.url));
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   pageOrigin = `http://127.0.0.1:${server.address().port}`;
@@ -73,14 +80,14 @@ after(async () => {
   if (server) server.close();
 });
 
-async function newPage(cookie) {
+async function newPage(cookie, query = '') {
   const ctx = await browser.newContext();
   if (cookie) {
     await ctx.addCookies([{ name: 'PHPSESSID', value: cookie, domain: '127.0.0.1', path: '/' }]);
   }
   const page = await ctx.newPage();
   page.on('pageerror', (e) => console.error('page error:', e));
-  await page.goto(pageOrigin + '/');
+  await page.goto(pageOrigin + '/' + query);
   await page.waitForFunction(() => typeof window.Comet === 'object');
   return page;
 }
@@ -124,7 +131,7 @@ test('GET /comet.js is served with caching headers', async () => {
 test('buffered messages come as one batch, then live ones, with channel and ids', async () => {
   for (const m of ['m1', 'm2', 'm3']) await pub('goods', m);
   const page = await newPage();
-  await page.evaluate(() => start('g', 'goods', {}));
+  await page.evaluate(() => start('g', 'goods', { transport: 'longpoll' }));
   let got = await waitEvents(page, 'g', 'message', 3);
   assert.deepEqual(got.map((e) => e.data), ['m1', 'm2', 'm3']);
   assert.ok(got.every((e) => e.meta.channel === 'goods'));
@@ -152,17 +159,17 @@ test('buffered messages come as one batch, then live ones, with channel and ids'
 test('without multipart, a client behind gets one message per poll, in order', async () => {
   for (const m of ['s1', 's2', 's3']) await pub('single', m);
   const page = await newPage();
-  await page.evaluate(() => start('s', 'single', { multipart: false, cursorIn: 'query' }));
+  await page.evaluate(() => start('s', 'single', { transport: 'longpoll', multipart: false, cursorIn: 'query' }));
   const got = await waitEvents(page, 's', 'message', 3);
   assert.deepEqual(got.map((e) => e.data), ['s1', 's2', 's3']);
   assert.ok(got.every((e) => e.meta.batch === null));
   await page.context().close();
 });
 
-test('@me: private messages, joined channels, 410 on SESSION.CLOSE, then 403', async () => {
+test('@me over long-poll: private messages, joined channels, 410 on SESSION.CLOSE, then 403', async () => {
   assert.equal(await resp(comet.control, TOKEN, 'SESSION.OPEN', 'sidA', 'alice'), 'OK');
   const page = await newPage('sidA');
-  await page.evaluate(() => start('me', '@me', { json: true }));
+  await page.evaluate(() => start('me', '@me', { json: true, transport: 'longpoll' }));
   await pub('session:sidA', '{"text":"hi alice"}');
   let got = await waitEvents(page, 'me', 'message', 1);
   assert.deepEqual(got[0].data, { text: 'hi alice' });
@@ -226,7 +233,7 @@ test('a daemon restart: errors, backoff, then the stream goes on', async () => {
 test('a poll unanswered past `timeout` is replaced at once, without an error', async () => {
   const page = await newPage();
   // poll_timeout_secs is 2: a 700 ms client timeout cuts every poll short.
-  await page.evaluate(() => start('t', 'slow', { timeout: 700 }));
+  await page.evaluate(() => start('t', 'slow', { transport: 'longpoll', timeout: 700 }));
   await sleep(1800);
   await held('slow');
   await pub('slow', 'still here');
@@ -248,3 +255,229 @@ test('stop() ends polling', async () => {
   await page.context().close();
 });
 
+
+// --- streams: WebSocket and EventSource ---------------------------------------------------------
+
+for (const transport of TRANSPORTS) {
+  test(`transport '${transport}' gets a burst in order, with the daemon's ids`, async () => {
+    const ch = `burst-${transport}`;
+    const page = await newPage();
+    await page.evaluate(([ch, t]) => start('b', ch, { transport: t }), [ch, transport]);
+    await held(ch);
+    assert.equal(await page.evaluate(() => subs.b.transport), transport);
+    const sent = ['b1', 'two\nlines', 'b3 é ✓', '', 'b5'];
+    for (const m of sent) await pub(ch, m);
+    const got = await waitEvents(page, 'b', 'message', sent.length);
+    assert.deepEqual(got.map((e) => e.data), sent);
+    assert.ok(got.every((e) => e.meta.channel === ch && e.meta.subscription === ch));
+    assert.ok(got.every((e) => e.meta.id === `${e.meta.time}:${e.meta.tag}`));
+    if (transport !== 'eventsource') assert.ok(got.every((e) => e.meta.contentType.startsWith('text/plain')));
+    // Each id is the daemon's: a poll after it answers with the next message.
+    for (let i = 0; i + 1 < got.length; i++) {
+      const r = await get(`http://${comet.browser}/sub/${ch}?last_event_id=${got[i].meta.id}`);
+      assert.equal(r.status, 200);
+      assert.equal(r.text, sent[i + 1], `the message after ${got[i].meta.id}`);
+    }
+    assert.equal(await page.evaluate(() => subs.b.lastId()), got[got.length - 1].meta.id);
+    assert.deepEqual(await events(page, 'b', 'error'), []);
+    await page.context().close();
+  });
+}
+
+test('WebSocket URLs: http -> ws, https -> wss, relative bases resolved against the page', async () => {
+  const page = await newPage();
+  const host = new URL(pageOrigin).host;
+  assert.deepEqual(await page.evaluate(() => [
+    Comet._wsUrl('http://push.site.com/sub/a'), Comet._wsUrl('https://push.site.com/push/sub/a?k=1'),
+    Comet._wsUrl('/push/sub/a'), Comet._wsUrl('/sub/a'), Comet._wsUrl('//other:81/sub/a'),
+  ]), ['ws://push.site.com/sub/a', 'wss://push.site.com/push/sub/a?k=1',
+    `ws://${host}/push/sub/a`, `ws://${host}/sub/a`, 'ws://other:81/sub/a']);
+  await page.context().close();
+});
+
+test('the default transport is WebSocket', async () => {
+  const page = await newPage();
+  await page.evaluate(() => start('d', 'dflt', {}));
+  await until(async () => (await streams()).ws === 1, 5000, 'websocket_streams:1');
+  assert.deepEqual(await streams(), { ws: 1, es: 0 });
+  assert.equal(await page.evaluate(() => subs.d.transport), 'websocket');
+  assert.equal(await pub('dflt', 'hello'), 1);
+  assert.equal((await waitEvents(page, 'd', 'message', 1))[0].data, 'hello');
+  await page.context().close();
+  await until(async () => (await streams()).ws === 0, 5000, 'the stream closed with the page');
+});
+
+test('without WebSocket the client uses EventSource; without both, long-poll', async () => {
+  let page = await newPage(null, '?hide=WebSocket');
+  await page.evaluate(() => start('f', 'fallback', {}));
+  await until(async () => (await streams()).es === 1, 5000, 'eventsource_streams:1');
+  assert.deepEqual(await streams(), { ws: 0, es: 1 });
+  assert.equal(await page.evaluate(() => subs.f.transport), 'eventsource');
+  await pub('fallback', 'over es');
+  assert.equal((await waitEvents(page, 'f', 'message', 1))[0].data, 'over es');
+  await page.context().close();
+  await until(async () => (await streams()).es === 0, 5000, 'the event stream closed with the page');
+
+  page = await newPage(null, '?hide=WebSocket,EventSource');
+  await page.evaluate(() => start('f', 'fallback2', {}));
+  await held('fallback2');
+  assert.deepEqual(await streams(), { ws: 0, es: 0 });
+  assert.equal(await page.evaluate(() => subs.f.transport), 'longpoll');
+  await pub('fallback2', 'over long-poll');
+  assert.equal((await waitEvents(page, 'f', 'message', 1))[0].data, 'over long-poll');
+  await page.context().close();
+});
+
+test('a stream that cannot connect gives way to the next transport', async () => {
+  // A private channel of another session: WebSocket and EventSource are refused before they
+  // open (the browser shows no status), long-poll then gets the 403 and reports it.
+  const page = await newPage();
+  await page.evaluate(() => start('p', 'session:nobody', {}));
+  assert.equal((await waitEvents(page, 'p', 'close', 1))[0].status, 403);
+  assert.equal(await page.evaluate(() => subs.p.transport), 'longpoll');
+  assert.deepEqual(await events(page, 'p', 'error'), []);
+  await page.context().close();
+});
+
+test('streams that never open give way after openTimeout', async () => {
+  // A stand-in for a proxy that swallows upgrades and buffers event streams: it holds both
+  // without a word, and answers polls 403.
+  const hung = [];
+  const stub = http.createServer((req, res) => {
+    if (/event-stream/.test(req.headers.accept || '')) { hung.push(res); return; }
+    res.writeHead(403, { 'Access-Control-Allow-Origin': pageOrigin, 'Access-Control-Allow-Credentials': 'true' });
+    res.end('no');
+  });
+  stub.on('upgrade', (req, sock) => hung.push(sock));
+  await new Promise((r) => stub.listen(0, '127.0.0.1', r));
+  const page = await newPage();
+  const t0 = Date.now();
+  await page.evaluate((base) => {
+    subs.h = Comet.subscribe(base, 'goods', {
+      openTimeout: 400,
+      onClose: function (status) { window.events.push({ sub: 'h', kind: 'close', status: status }); },
+      onError: function (status) { window.events.push({ sub: 'h', kind: 'error', status: status }); },
+    });
+  }, `http://127.0.0.1:${stub.address().port}`);
+  assert.equal((await waitEvents(page, 'h', 'close', 1))[0].status, 403);
+  assert.ok(Date.now() - t0 >= 800, 'both streams waited out openTimeout');
+  assert.deepEqual(await events(page, 'h', 'error'), []);
+  assert.equal(hung.length, 2, 'one WebSocket and one EventSource tried');
+  await page.context().close();
+  for (const h of hung) h.destroy();
+  stub.close();
+});
+
+for (const transport of TRANSPORTS) {
+  test(`transport '${transport}': a new subscription from lastId() gets exactly the missed messages`, async () => {
+    const ch = `resume-${transport}`;
+    const page = await newPage();
+    await page.evaluate(([ch, t]) => start('r', ch, { transport: t }), [ch, transport]);
+    await held(ch);
+    for (const m of ['r1', 'r2']) await pub(ch, m);
+    await waitEvents(page, 'r', 'message', 2);
+    const last = await page.evaluate(() => { subs.r.stop(); return subs.r.lastId(); });
+    await until(async () => (await numsub(ch)) === 0, 3000, 'the subscription to end');
+    for (const m of ['r3', 'r4']) await pub(ch, m);
+    await page.evaluate(([ch, t, since]) => start('r2', ch, { transport: t, since }), [ch, transport, last]);
+    await waitEvents(page, 'r2', 'message', 2);
+    await sleep(300);
+    assert.deepEqual((await events(page, 'r2', 'message')).map((e) => e.data), ['r3', 'r4']);
+    // start() again on the stopped one resumes the same way.
+    await page.evaluate(() => subs.r.start());
+    await waitEvents(page, 'r', 'message', 4);
+    await sleep(300);
+    assert.deepEqual((await events(page, 'r', 'message')).map((e) => e.data), ['r1', 'r2', 'r3', 'r4']);
+    await page.context().close();
+  });
+}
+
+test('WebSocket: deleting the channel calls onClose(410) and stops', async () => {
+  const page = await newPage();
+  await page.evaluate(() => start('del', 'doomed', { transport: 'websocket' }));
+  await until(async () => (await streams()).ws === 1, 5000, 'websocket_streams:1');
+  await pub('doomed', 'last words');
+  await waitEvents(page, 'del', 'message', 1);
+  const r = await fetch(`http://${comet.admin}/pub?id=doomed`, { method: 'DELETE', headers: { Authorization: `Bearer ${TOKEN}` } });
+  assert.equal(r.status, 200);
+  assert.equal((await waitEvents(page, 'del', 'close', 1))[0].status, 410);
+  assert.equal(await page.evaluate(() => subs.del.running), false);
+  assert.deepEqual(await events(page, 'del', 'error'), []);
+  await sleep(300);
+  assert.equal(await numsub('doomed'), 0, 'no reconnect after 410');
+  await page.context().close();
+});
+
+test('EventSource: deleting the channel calls onClose(410) and stops', async () => {
+  const page = await newPage();
+  await page.evaluate(() => start('del', 'doomed-es', { transport: 'eventsource' }));
+  await until(async () => (await streams()).es === 1, 5000, 'eventsource_streams:1');
+  await pub('doomed-es', 'x');
+  await waitEvents(page, 'del', 'message', 1);
+  const r = await fetch(`http://${comet.admin}/pub?id=doomed-es`, { method: 'DELETE', headers: { Authorization: `Bearer ${TOKEN}` } });
+  assert.equal(r.status, 200);
+  assert.equal((await waitEvents(page, 'del', 'close', 1))[0].status, 410);
+  assert.deepEqual(await events(page, 'del', 'error'), []);
+  await page.context().close();
+});
+
+test('@me over WebSocket: joined channels in meta.channel, 410 on SESSION.CLOSE, then 403', async () => {
+  assert.equal(await resp(comet.control, TOKEN, 'SESSION.OPEN', 'sidW', 'wendy'), 'OK');
+  const page = await newPage('sidW');
+  await page.evaluate(() => start('me', '@me', { json: true }));
+  await until(async () => (await streams()).ws === 1, 5000, 'websocket_streams:1');
+  assert.equal(await page.evaluate(() => subs.me.transport), 'websocket');
+  await pub('session:sidW', '{"text":"hi wendy"}');
+  let got = await waitEvents(page, 'me', 'message', 1);
+  assert.deepEqual(got[0].data, { text: 'hi wendy' });
+  assert.equal(got[0].meta.channel, 'session:sidW');
+  assert.equal(got[0].meta.subscription, '@me');
+  assert.equal(await resp(comet.control, TOKEN, 'JOIN', 'sidW', 'lobby'), 1);
+  await pub('lobby', '{"n":1}');
+  got = await waitEvents(page, 'me', 'message', 2);
+  assert.equal(got[1].meta.channel, 'lobby');
+  assert.deepEqual(got[1].data, { n: 1 });
+  assert.equal(await resp(comet.control, TOKEN, 'SESSION.CLOSE', 'sidW'), 1);
+  assert.equal((await waitEvents(page, 'me', 'close', 1))[0].status, 410);
+  // A new one: the WebSocket is refused, EventSource is skipped on @me, long-poll says 403.
+  await page.evaluate(() => start('me2', '@me', {}));
+  assert.equal((await waitEvents(page, 'me2', 'close', 1))[0].status, 403);
+  assert.deepEqual(await page.evaluate(() => subs.me2.transports), ['websocket', 'longpoll']);
+  await page.context().close();
+});
+
+test('@me skips EventSource: without WebSocket it is long-poll', async () => {
+  assert.equal(await resp(comet.control, TOKEN, 'SESSION.OPEN', 'sidE', 'eve'), 'OK');
+  const page = await newPage('sidE', '?hide=WebSocket');
+  await page.evaluate(() => start('me', '@me', { transport: ['eventsource', 'longpoll'] }));
+  await until(async () => (await info('held_polls')) === 1, 5000, 'held_polls:1');
+  assert.equal(await page.evaluate(() => subs.me.transport), 'longpoll');
+  assert.deepEqual(await streams(), { ws: 0, es: 0 });
+  await pub('session:sidE', 'hi eve');
+  assert.equal((await waitEvents(page, 'me', 'message', 1))[0].data, 'hi eve');
+  await page.context().close();
+  await resp(comet.control, TOKEN, 'SESSION.CLOSE', 'sidE');
+});
+
+test('WebSocket after a daemon restart: drops retry, and a refused reopen on @me is onClose(403)', async () => {
+  assert.equal(await resp(comet.control, TOKEN, 'SESSION.OPEN', 'sidR', 'rita'), 'OK');
+  const page = await newPage('sidR');
+  await page.evaluate(() => start('me', '@me', { retryMin: 200, retryMax: 1000 }));
+  await page.evaluate(() => start('pub', 'after-restart', { retryMin: 200, retryMax: 1000 }));
+  await until(async () => (await streams()).ws === 2, 5000, 'websocket_streams:2');
+  const addrs = { browser: comet.browser, control: comet.control, admin: comet.admin };
+  assert.equal(await comet.stop(), 0);
+  const errs = await waitEvents(page, 'me', 'error', 1);
+  assert.equal(errs[0].status, 503, 'the Close frame said 503 shutting down');
+  await sleep(500);
+  comet = await startComet(config(pageOrigin, addrs));
+  // Sessions live in memory: the restarted daemon refuses @me; the stream cannot say so, the
+  // probe poll can.
+  assert.equal((await waitEvents(page, 'me', 'close', 1, 8000))[0].status, 403);
+  // A public channel comes back on its WebSocket.
+  await until(async () => (await streams()).ws === 1, 8000, 'the WebSocket back');
+  assert.equal(await page.evaluate(() => subs.pub.transport), 'websocket');
+  await pub('after-restart', 'back');
+  assert.equal((await waitEvents(page, 'pub', 'message', 1))[0].data, 'back');
+  await page.context().close();
+});
