@@ -10,6 +10,7 @@
 //! comet-bench/floor.rs  the kernel's floor: a writer that does nothing but the fan-out's writes
 //! comet-bench/publish.rs the publisher thread and the "are they all held?" probe
 //! comet-bench/wire.rs   HTTP responses (and the parts of a batch), RESP replies, message bodies
+//! comet-bench/stream.rs event streams and WebSocket frames (`--transport`)
 //! comet-bench/net.rs    client sockets bound to 127.0.0.x before connecting
 //! comet-bench/procfs.rs server CPU time and RSS from /proc
 //! comet-bench/report.rs the median table over runs (markdown)
@@ -30,6 +31,8 @@ mod procfs;
 mod publish;
 #[path = "comet-bench/report.rs"]
 mod report;
+#[path = "comet-bench/stream.rs"]
+mod stream;
 #[path = "comet-bench/wire.rs"]
 mod wire;
 
@@ -74,6 +77,9 @@ RUN OPTIONS:
     --path PATH                 plain: the path requested (/)
     --sub-path PATH             subscribers poll PATH<channel> (/sub/; nchan's batched location
                                 in scripts/nchan.conf is /sub-multipart/)
+    --transport T               longpoll (default), eventsource (`Accept: text/event-stream`) or
+                                websocket (`ws+meta.nchan` frames): subscribers hold streams;
+                                a stream the server closes reconnects with `Last-Event-ID`
     --multipart 1|0             polls send `Accept: multipart/mixed`, so a subscriber behind by
                                 several messages may get them in one answer (0)
     --sources N                 spread sockets over 127.0.0.1..N source addresses (1)
@@ -226,7 +232,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let o = Opts::parse(args)?;
     let known = [
         "target", "http", "control", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
-        "size", "requests", "path", "sub-path", "multipart", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
+        "size", "requests", "path", "sub-path", "multipart", "transport", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
     ];
     if let Some(k) = o.0.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown option --{k}"));
@@ -285,6 +291,9 @@ fn run(args: &[String]) -> Result<(), String> {
         timeout: Duration::from_secs_f64(o.num("timeout", 120.0)?),
         drain: Duration::from_secs_f64(o.num("drain", 15.0)?),
         plain_requests: plain,
+        transport: match o.str("transport").unwrap_or("longpoll") {
+            t => stream::Transport::parse(t).ok_or_else(|| format!("--transport: {t:?} is not longpoll, eventsource or websocket"))?,
+        },
     };
     let out = load::run(&plan).map_err(|e| e.to_string())?;
     println!("{}", result_line(o.str("tag").unwrap_or(""), &target, &plan, &out));

@@ -17,6 +17,7 @@
 use crate::net;
 use crate::procfs::{self, Sample};
 use crate::publish::{self, Probe, Publisher, Schedule};
+use crate::stream::{self, Transport};
 use crate::wire;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -75,6 +76,8 @@ pub struct Plan {
     pub drain: Duration,
     /// `Some(n)`: plain mode, n requests per connection, no publishing.
     pub plain_requests: Option<u32>,
+    /// Long-polls, or streams (EventSource, WebSocket with `ws+meta.nchan`).
+    pub transport: Transport,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +89,8 @@ enum State {
     Ready,
     /// A request is in flight.
     Polling,
+    /// A stream is open (its head was read): events or frames come as published.
+    Streaming,
     /// Finished its requests (plain mode).
     Done,
     /// Gave up (errors, refused connects).
@@ -115,6 +120,8 @@ struct Sub {
     queued: bool,
     /// When the kernel received the data last read (Unix ns), if it stamps this socket.
     arrived: Option<u64>,
+    /// A stream's last message id, sent as `Last-Event-ID` when it reconnects.
+    last_id: Option<Box<str>>,
 }
 
 /// What the subscribers saw.
@@ -210,6 +217,20 @@ impl<'a> Load<'a> {
             return;
         }
         let _ = write!(out, "GET {}{}{} HTTP/1.1\r\nHost: 127.0.0.1\r\n", self.plan.sub_path, self.plan.prefix, s.ch);
+        match self.plan.transport {
+            Transport::LongPoll => {}
+            Transport::EventSource => out.extend_from_slice(b"Accept: text/event-stream\r\n"),
+            Transport::WebSocket => {
+                let _ = write!(
+                    out,
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ws+meta.nchan\r\n",
+                    stream::WS_KEY
+                );
+            }
+        }
+        if let Some(id) = &s.last_id {
+            let _ = write!(out, "Last-Event-ID: {id}\r\n");
+        }
         if let Some(lm) = &s.last_modified {
             let _ = write!(out, "If-Modified-Since: {lm}\r\n");
         }
@@ -361,7 +382,7 @@ impl<'a> Load<'a> {
                     }
                 }
             }
-            State::Ready | State::Polling | State::Done => {
+            State::Ready | State::Polling | State::Streaming | State::Done => {
                 if ev.is_writable() && !s.out.is_empty() {
                     self.flush(i);
                 }
@@ -401,6 +422,9 @@ impl<'a> Load<'a> {
                     }
                 }
             }
+        }
+        if self.plan.transport != Transport::LongPoll {
+            return self.read_stream(i, eof);
         }
         while self.subs[i].state == State::Polling && !self.subs[i].inbuf.is_empty() {
             let h = match wire::parse_head(&self.subs[i].inbuf) {
@@ -450,6 +474,86 @@ impl<'a> Load<'a> {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads a stream's input: its head, then events or frames, each message counted as a
+    /// long-poll answer's is. A stream the server closes reconnects with its last id.
+    fn read_stream(&mut self, i: usize, eof: bool) {
+        let now = Instant::now();
+        let ws = self.plan.transport == Transport::WebSocket;
+        let mut inbuf = std::mem::take(&mut self.subs[i].inbuf);
+        let mut at = 0;
+        let mut pong = Vec::new();
+        let mut closed = eof;
+        loop {
+            match self.subs[i].state {
+                State::Polling => match stream::head(&inbuf[at..]) {
+                    Ok(Some((status, n))) if status == if ws { 101 } else { 200 } => {
+                        at += n;
+                        self.subs[i].state = State::Streaming;
+                    }
+                    Ok(Some((status, _))) => {
+                        *self.tally.statuses.entry(status).or_default() += 1;
+                        self.fail(i, &format!("status {status}"));
+                        return;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.tally.protocol_errors += 1;
+                        self.fail(i, &e);
+                        return;
+                    }
+                },
+                State::Streaming if ws => match stream::ws_next(&inbuf[at..]) {
+                    Ok(Some((op, r, n))) => {
+                        let payload = &inbuf[at..][r];
+                        match op {
+                            1 | 2 => match stream::meta(payload) {
+                                Some((id, body)) => {
+                                    self.subs[i].last_id = Some(id.into());
+                                    self.tally.responses += 1;
+                                    self.message(i, body, now);
+                                }
+                                None => self.tally.bad_bodies += 1,
+                            },
+                            9 => pong.extend(stream::client_frame(10, payload)),
+                            8 => closed = true,
+                            _ => {}
+                        }
+                        at += n;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.tally.protocol_errors += 1;
+                        self.fail(i, &e);
+                        return;
+                    }
+                },
+                State::Streaming => match stream::sse_next(&inbuf[at..]) {
+                    Some((stream::Sse::Event(id, body), n)) => {
+                        if let Some(id) = id {
+                            self.subs[i].last_id = Some(id.into());
+                        }
+                        self.tally.responses += 1;
+                        self.message(i, &body, now);
+                        at += n;
+                    }
+                    Some((stream::Sse::Other, n)) => at += n,
+                    None => break,
+                },
+                _ => break,
+            }
+        }
+        inbuf.drain(..at);
+        self.subs[i].inbuf = inbuf;
+        if !pong.is_empty() {
+            self.subs[i].out.extend_from_slice(&pong);
+            self.flush(i);
+        }
+        if closed && matches!(self.subs[i].state, State::Polling | State::Streaming) {
+            self.subs[i].state = State::Polling;
+            self.reconnect(i);
         }
     }
 
@@ -617,6 +721,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                 started: false,
                 queued: false,
                 arrived: None,
+                last_id: None,
             })
             .collect(),
         tally: Tally::default(),
@@ -690,7 +795,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                     && load.subs.iter().all(|s| match s.state {
                         State::Failed => true,
                         State::Ready => plain || s.started,
-                        State::Polling => true,
+                        State::Polling | State::Streaming => true,
                         _ => false,
                     });
                 let alive = n - load.tally.failed as usize;
@@ -811,7 +916,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
             net::abortive_close(&st);
         }
     }
-    let unstarted = load.subs.iter().filter(|s| !matches!(s.state, State::Done | State::Failed | State::Polling | State::Ready)).count();
+    let unstarted = load.subs.iter().filter(|s| !matches!(s.state, State::Done | State::Failed | State::Polling | State::Streaming | State::Ready)).count();
     if unstarted > 0 {
         out.note.push(format!("{unstarted} subscribers never got connected"));
     }

@@ -197,7 +197,7 @@ fn publish(p: &Publisher, s: &Schedule, delivered: &AtomicU64, stop: &AtomicBool
 
 /// Asks the server how many polls it holds.
 pub enum Probe {
-    /// comet: `INFO`, `held_polls:N`.
+    /// comet: `INFO`, `held_polls:N` plus the open streams.
     Comet(Blocking),
     /// nchan: `GET <path>` of a `nchan_stub_status` location, `subscribers: N`.
     NchanStatus(Blocking, String),
@@ -211,7 +211,9 @@ impl Probe {
                 wire::resp_command(&mut cmd, &[b"INFO"]);
                 c.stream.write_all(&cmd)?;
                 let text = c.resp()?;
-                wire::field(&text, "held_polls").ok_or_else(|| io::Error::other("no held_polls in INFO"))
+                let polls = wire::field(&text, "held_polls").ok_or_else(|| io::Error::other("no held_polls in INFO"))?;
+                let streams: u64 = ["eventsource_streams", "websocket_streams"].iter().filter_map(|k| wire::field(&text, k)).sum();
+                Ok(polls + streams)
             }
             Probe::NchanStatus(c, path) => {
                 write!(c.stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
