@@ -285,6 +285,34 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
             }
         }
     }
+    // 7. Streams: each transport against nchan's subscriber of the same transport.
+    for (tr, name) in [("es", "EventSource"), ("ws", "WebSocket (`ws+meta.nchan`)")] {
+        let (idle, burst, fanout) = (format!("stream-idle-{tr}"), format!("stream-burst-{tr}"), format!("stream-fanout-{tr}"));
+        if !(r.any(&idle) || r.any(&burst) || r.any(&fanout)) {
+            continue;
+        }
+        t.section(&format!("7. Streams, {name}: comet against nchan's `{}` subscriber", if tr == "es" { "eventsource" } else { "websocket" }));
+        if r.any(&idle) {
+            let n = size(&r, &idle, "subs");
+            t.median_row(&r, &idle, ("comet", "nchan"), "held", &format!("streams open, of {n} on one channel"));
+            t.median_row(&r, &idle, ("comet", "nchan"), "bytes_per_held", &format!("server RSS growth per open stream, bytes ({n})"));
+        }
+        if r.any(&burst) {
+            let what = format!("burst ({} x {})", size(&r, &burst, "subs"), size(&r, &burst, "messages"));
+            t.median_row(&r, &burst, ("comet", "nchan"), "deliveries_per_s", &format!("{what}: deliveries per second"));
+            t.median_row(&r, &burst, ("comet", "nchan"), "cpu_us_per_delivery", &format!("{what}: server CPU µs per delivery"));
+            if let (Some(c), Some(lp)) = (r.get(&burst, "comet", "cpu_us_per_delivery", Agg::Median), r.get("burst", "comet", "cpu_us_per_delivery", Agg::Median)) {
+                t.text_row(&format!("{what}: comet's CPU per delivery ÷ its own long-poll burst's"), &num(Some(c / lp)), "—", "—");
+            }
+            loss_rows(&mut t, &r, &burst, runs(&r, &burst));
+        }
+        if r.any(&fanout) {
+            let what = format!("paced fan-out ({} at {}/s)", size(&r, &fanout, "subs"), size(&r, &fanout, "rate"));
+            t.median_row(&r, &fanout, ("comet", "nchan"), "p50_ms", &format!("{what}: latency p50, ms"));
+            t.median_row(&r, &fanout, ("comet", "nchan"), "p99_ms", &format!("{what}: latency p99, ms"));
+            loss_rows(&mut t, &r, &fanout, runs(&r, &fanout));
+        }
+    }
     Ok(t.out)
 }
 
