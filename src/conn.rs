@@ -77,6 +77,8 @@ pub struct Stream {
     pub pong_due: bool,
     /// Its last bytes (a close event or frame) are queued: nothing more is sent.
     pub ending: bool,
+    /// Messages are queued for it this turn, to be written before the loop sleeps.
+    pub flush_queued: bool,
 }
 
 /// A poll on its way to being held or answered. It borrows its channel and session from the

@@ -198,6 +198,8 @@ pub struct Server {
     fanout: Vec<(u64, usize)>,
     /// The streams that message was written to, to wait again (kept for its capacity).
     streams_fed: Vec<(u64, usize)>,
+    /// Streams with messages queued this turn, written before the loop sleeps.
+    pub(crate) streams_to_flush: Vec<usize>,
     /// The events of the turn, in token order (kept for its capacity).
     ready: Vec<Ready>,
     /// Store operations waiting for the next batch.
@@ -385,6 +387,7 @@ impl Server {
             ended_holds: Vec::new(),
             fanout: Vec::new(),
             streams_fed: Vec::new(),
+            streams_to_flush: Vec::new(),
             ready: Vec::new(),
             rows_in_flight: false,
             rows_resync: false,
@@ -502,10 +505,19 @@ impl Server {
         }
     }
 
-    /// Work done before every poll: input left waiting, then freeing dead connections.
+    /// Work done before every poll: input left waiting, the streams' queued messages, then
+    /// freeing dead connections.
     fn before_sleep(&mut self) {
-        while let Some(t) = self.pending.pop() {
-            self.drive(t);
+        // Input left waiting may publish (streams to write), and writing may free input that
+        // waited on output: both, until neither has anything left.
+        loop {
+            while let Some(t) = self.pending.pop() {
+                self.drive(t);
+            }
+            if self.streams_to_flush.is_empty() {
+                break;
+            }
+            self.flush_streams();
         }
         self.hub.expire(self.now_secs);
         self.emit_events();

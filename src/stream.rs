@@ -136,6 +136,7 @@ impl Server {
             ws: accept.map(|_| ws::Reader::default()),
             pong_due: false,
             ending: false,
+            flush_queued: false,
         }));
         self.start_ping_timer(t, id);
         self.flush(t);
@@ -152,19 +153,30 @@ impl Server {
             _ => return false,
         };
         self.counters.stream_deliveries[slot(wire)] += 1;
-        match c.out.write_direct(&mut c.stream, &mut self.scratch, &[msg.wire(wire)]) {
-            Ok(true) if c.out.is_empty() => return true,
-            Ok(true) => {}
-            Ok(false) => c.out.push(Chunk::Msg(msg.clone(), wire)),
-            Err(e) => {
-                crate::debug!("write to {} failed: {e}", c.peer);
-                self.kill(t);
-                return false;
+        // Queued, and written once the turn's input is handled (`flush_streams`): a backend's
+        // pipelined burst then reaches each stream in one write, not one write per message.
+        c.out.push(Chunk::Msg(msg.clone(), wire));
+        if let Phase::Stream(s) = &mut c.phase {
+            if !s.flush_queued {
+                s.flush_queued = true;
+                self.streams_to_flush.push(t);
             }
         }
-        // Queued: the socket is behind; flush starts its write clock and applies the caps.
-        self.flush(t);
-        self.conns.get(t).is_some_and(|c| !c.dead)
+        true
+    }
+
+    /// Writes what this turn's publishes queued for streams; the caps of `flush` apply.
+    pub(crate) fn flush_streams(&mut self) {
+        let mut list = std::mem::take(&mut self.streams_to_flush);
+        // In token order, as the fan-out walks its waiters.
+        list.sort_unstable();
+        for t in list.drain(..) {
+            if let Some(Phase::Stream(s)) = self.conns.get_mut(t).map(|c| &mut c.phase) {
+                s.flush_queued = false;
+            }
+            self.flush(t);
+        }
+        self.streams_to_flush = list;
     }
 
     /// Ends stream `t` with a final event or Close frame; it is freed once that is written.

@@ -128,6 +128,17 @@ fn burst_on_one_channel_loses_nothing() {
 }
 
 #[test]
+fn streams_lose_nothing_over_either_transport() {
+    for transport in ["eventsource", "websocket"] {
+        let d = start_comet();
+        let f = bench(&d, &["--subs", "300", "--channels", "3", "--messages", "30", "--transport", transport]);
+        assert_eq!(num(&f, "held"), 300, "every stream open before publishing ({transport}): {f:?}");
+        assert_all_delivered(&f, 300 * 30);
+        assert_eq!(num(&f, "responses"), 300 * 30, "one event or frame per message ({transport}): {f:?}");
+    }
+}
+
+#[test]
 fn paced_fan_out_loses_nothing_and_is_timed_per_answer() {
     let d = start_comet();
     let f = bench(&d, &["--subs", "200", "--channels", "1", "--messages", "10", "--rate", "20"]);
