@@ -35,6 +35,21 @@ pub struct Config {
     pub presence: PresenceCfg,
     /// The message store: file and durability; None = memory only.
     pub store: Option<(PathBuf, crate::store::Fsync)>,
+    /// Several nodes as one service through Redis; None = a single node, no Redis at all.
+    pub cluster: Option<Cluster>,
+}
+
+/// The cluster: where Redis is and who this node is in it.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// redis-server's address.
+    pub redis: SocketAddr,
+    /// Its AUTH password; empty = none.
+    pub password: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// The prefix of every key and pub/sub channel comet uses in Redis.
+    pub prefix: String,
 }
 
 /// Presence tracking.
@@ -196,6 +211,16 @@ struct Raw {
     auth: RawAuth,
     presence: RawPresence,
     store: RawStore,
+    cluster: RawCluster,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawCluster {
+    redis: String,
+    password: String,
+    node: String,
+    prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -508,8 +533,13 @@ impl Config {
             other => return err("store.fsync", format!("{other:?} is not \"always\", \"everysec\" or \"no\"")),
         };
         let store = (!raw.store.path.is_empty()).then(|| (PathBuf::from(raw.store.path), fsync));
+        let cluster = Config::validate_cluster(raw.cluster, browser.listen.port())?;
+        if cluster.is_some() && store.is_some() {
+            return err("store.path", "cannot be set with [cluster]: in a cluster Redis keeps the channel buffers");
+        }
         Ok(Config {
             store,
+            cluster,
             presence,
             workers,
             auth,
@@ -525,6 +555,31 @@ impl Config {
 }
 
 impl Config {
+    fn validate_cluster(c: RawCluster, browser_port: u16) -> Result<Option<Cluster>, ConfigError> {
+        if c.redis.is_empty() {
+            return Ok(None);
+        }
+        let redis = addr("cluster.redis", &c.redis)?;
+        // Names and prefixes travel inside Redis keys and comet's own messages: no spaces, no
+        // line breaks, nothing a key pattern would read as a wildcard.
+        let plain = |s: &str| s.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'*' | b'?' | b'[' | b']' | b'\\'));
+        let node = if c.node.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let host = host.trim();
+            format!("{}:{browser_port}", if host.is_empty() { "comet" } else { host })
+        } else {
+            c.node
+        };
+        if node.len() > 64 || !plain(&node) {
+            return err("cluster.node", format!("{node:?}: at most 64 printable characters, no spaces or * ? [ ] \\"));
+        }
+        let prefix = if c.prefix.is_empty() { "comet".to_string() } else { c.prefix };
+        if prefix.len() > 64 || !plain(&prefix) {
+            return err("cluster.prefix", format!("{prefix:?}: at most 64 printable characters, no spaces or * ? [ ] \\"));
+        }
+        Ok(Some(Cluster { redis, password: c.password, node, prefix }))
+    }
+
     fn validate_auth(a: RawAuth) -> Result<Auth, ConfigError> {
         let mode = match a.mode.as_str() {
             "none" => AuthMode::None,
@@ -615,6 +670,10 @@ mod tests {
             ("[presence]\ntable = \"x; DROP TABLE y\"\n", "presence.table"),
             ("[presence]\ngrace_secs = 0\n", "presence.grace_secs"),
             ("[store]\nfsync = \"sometimes\"\n", "store.fsync"),
+            ("[cluster]\nredis = \"nonsense\"\n", "cluster.redis"),
+            ("[cluster]\nredis = \"127.0.0.1:6379\"\nnode = \"a b\"\n", "cluster.node"),
+            ("[cluster]\nredis = \"127.0.0.1:6379\"\nprefix = \"x*\"\n", "cluster.prefix"),
+            ("[cluster]\nredis = \"127.0.0.1:6379\"\n[store]\npath = \"x.db\"\n", "store.path"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text).unwrap_err();

@@ -475,6 +475,123 @@ pub fn array_len(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
+// ---- replies, as a client reads them (the cluster's link to redis-server) ----
+
+/// A reply from a Redis server. Bulk payloads are owned: a reply outlives the link's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    /// `+OK`
+    Simple(Vec<u8>),
+    /// `-ERR ...`, without the `-`.
+    Error(Vec<u8>),
+    /// `:3`
+    Int(i64),
+    /// `$3\r\nabc`
+    Bulk(Vec<u8>),
+    /// `$-1` or `*-1`.
+    Nil,
+    /// `*2 ...`
+    Array(Vec<Value>),
+}
+
+impl Value {
+    /// The payload of a bulk or simple string.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            Value::Bulk(b) | Value::Simple(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// Deepest nesting of arrays accepted in a reply: comet's own commands get at most two levels
+/// (a pub/sub message, an array of message entries).
+const MAX_REPLY_DEPTH: usize = 4;
+
+const BAD_REPLY_TYPE: &str = "Protocol error: unknown reply type";
+const BAD_REPLY_LEN: &str = "Protocol error: bad reply length";
+const TOO_DEEP: &str = "Protocol error: reply nested too deep";
+const TOO_LONG_LINE: &str = "Protocol error: reply line too long";
+
+/// Parses one reply from the start of `buf`: Ok(None) until it is complete, then the reply and
+/// the bytes it used. The server is held to the same caps as a peer: a bulk over
+/// `limits.max_bulk`, an array over `limits.max_args` elements, a status line over
+/// `limits.max_inline` bytes or nesting past [`MAX_REPLY_DEPTH`] is an error, so a Redis that
+/// answers garbage costs a reconnect, never unbounded memory.
+pub fn parse_reply(buf: &[u8], limits: &Limits) -> Result<Option<(Value, usize)>, RespError> {
+    reply_at(buf, 0, limits, 0)
+}
+
+fn reply_line(buf: &[u8], from: usize, max: usize) -> Result<Option<(&[u8], usize)>, RespError> {
+    let window = &buf[from..buf.len().min(from + max + 2)];
+    match window.windows(2).position(|w| w == b"\r\n") {
+        Some(i) => Ok(Some((&window[..i], from + i + 2))),
+        None if window.len() >= max + 2 => Err(RespError(TOO_LONG_LINE)),
+        None => Ok(None),
+    }
+}
+
+fn reply_int(line: &[u8]) -> Result<i64, RespError> {
+    let (neg, digits) = match line.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, line),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(RespError(BAD_REPLY_LEN));
+    }
+    let n = digits.iter().fold(0i64, |n, d| n.wrapping_mul(10).wrapping_add(i64::from(d - b'0')));
+    Ok(if neg { -n } else { n })
+}
+
+fn reply_at(buf: &[u8], at: usize, limits: &Limits, depth: usize) -> Result<Option<(Value, usize)>, RespError> {
+    let Some(&kind) = buf.get(at) else { return Ok(None) };
+    let max = if matches!(kind, b'+' | b'-') { limits.max_inline } else { MAX_HEADER_LINE };
+    let Some((line, next)) = reply_line(buf, at + 1, max)? else { return Ok(None) };
+    match kind {
+        b'+' => Ok(Some((Value::Simple(line.to_vec()), next))),
+        b'-' => Ok(Some((Value::Error(line.to_vec()), next))),
+        b':' => Ok(Some((Value::Int(reply_int(line)?), next))),
+        b'$' => {
+            let n = reply_int(line)?;
+            if n == -1 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            if n < 0 || n as u64 > limits.max_bulk as u64 {
+                return Err(RespError(BAD_REPLY_LEN));
+            }
+            let end = next + n as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(RespError(BULK_NO_CRLF));
+            }
+            Ok(Some((Value::Bulk(buf[next..end].to_vec()), end + 2)))
+        }
+        b'*' => {
+            let n = reply_int(line)?;
+            if n == -1 {
+                return Ok(Some((Value::Nil, next)));
+            }
+            if n < 0 || n as u64 > limits.max_args as u64 {
+                return Err(RespError(BAD_REPLY_LEN));
+            }
+            if n > 0 && depth + 1 > MAX_REPLY_DEPTH {
+                return Err(RespError(TOO_DEEP));
+            }
+            let mut items = Vec::with_capacity(n as usize);
+            let mut pos = next;
+            for _ in 0..n {
+                let Some((v, p)) = reply_at(buf, pos, limits, depth + 1)? else { return Ok(None) };
+                items.push(v);
+                pos = p;
+            }
+            Ok(Some((Value::Array(items), pos)))
+        }
+        _ => Err(RespError(BAD_REPLY_TYPE)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -845,5 +962,53 @@ mod tests {
         let e = RespError(INVALID_BULK);
         assert_eq!(e.message(), "Protocol error: invalid bulk length");
         assert_eq!(e.to_string(), e.message());
+    }
+
+    #[test]
+    fn replies_as_a_table_of_bytes() {
+        use Value::*;
+        let lim = Limits { max_bulk: 16, max_args: 4, max_inline: 32 };
+        let ok: &[(&[u8], Value)] = &[
+            (b"+OK\r\n", Simple(b"OK".to_vec())),
+            (b"-NOSCRIPT No matching script\r\n", Error(b"NOSCRIPT No matching script".to_vec())),
+            (b":0\r\n", Int(0)),
+            (b":-42\r\n", Int(-42)),
+            (b"$0\r\n\r\n", Bulk(Vec::new())),
+            (b"$5\r\na\r\nb\x00\r\n", Bulk(b"a\r\nb\x00".to_vec())),
+            (b"$-1\r\n", Nil),
+            (b"*-1\r\n", Nil),
+            (b"*0\r\n", Array(vec![])),
+            (
+                b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+                Array(vec![Bulk(b"message".to_vec()), Bulk(b"c".to_vec()), Bulk(b"hi".to_vec())]),
+            ),
+            (b"*2\r\n*1\r\n:1\r\n$-1\r\n", Array(vec![Array(vec![Int(1)]), Nil])),
+        ];
+        for (bytes, want) in ok {
+            assert_eq!(parse_reply(bytes, &lim), Ok(Some((want.clone(), bytes.len()))), "{:?}", String::from_utf8_lossy(bytes));
+            // Split at every byte: each prefix is incomplete, never an error or a wrong reply.
+            for cut in 0..bytes.len() {
+                assert_eq!(parse_reply(&bytes[..cut], &lim), Ok(None), "{:?} cut at {cut}", String::from_utf8_lossy(bytes));
+            }
+            // Followed by the next reply: only its own bytes are used.
+            let mut two = bytes.to_vec();
+            two.extend_from_slice(b"+NEXT\r\n");
+            assert_eq!(parse_reply(&two, &lim), Ok(Some((want.clone(), bytes.len()))));
+        }
+        let bad: &[(&[u8], &str)] = &[
+            (b"?x\r\n", BAD_REPLY_TYPE),
+            (b":12a\r\n", BAD_REPLY_LEN),
+            (b":\r\n", BAD_REPLY_LEN),
+            (b"$17\r\n", BAD_REPLY_LEN),
+            (b"$-2\r\n", BAD_REPLY_LEN),
+            (b"$2\r\nabcd", BULK_NO_CRLF),
+            (b"*5\r\n", BAD_REPLY_LEN),
+            (b"*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n", TOO_DEEP),
+            (b"+0123456789012345678901234567890123456789", TOO_LONG_LINE),
+            (b":123456789012345678901234567890123456789", TOO_LONG_LINE),
+        ];
+        for (bytes, why) in bad {
+            assert_eq!(parse_reply(bytes, &lim), Err(RespError(why)), "{:?}", String::from_utf8_lossy(bytes));
+        }
     }
 }
