@@ -24,8 +24,8 @@
 //! hub.rs       channels, buffers, held polls, sessions (pure: no sockets, no clock)
 //! message.rs   a published message and its wire forms, each encoded at most once
 //! presence.rs  who is online and where, with grace; online/offline/join/leave events (pure)
-//! presence_rows.rs  those events as rows in the application's SQLite (worker jobs)
-//! store.rs     channel buffers persisted to SQLite, write-behind through the workers
+//! presence_rows.rs  those events as rows in the application's SQLite, batched by the loop
+//! store.rs     channel buffers persisted to SQLite: the loop batches, a worker writes behind
 //! time.rs      HTTP dates and log stamps
 //! log.rs       one line per event on stderr
 //! notify.rs    systemd's READY=1 / STOPPING=1 / WATCHDOG=1

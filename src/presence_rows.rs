@@ -72,6 +72,56 @@ pub fn apply(c: &mut Connection, table: &str, instance: &str, clear_first: bool,
     tx.commit()
 }
 
+// ---- the loop's side: events batched, one batch in flight at a time (rows stay in order) ----
+
+use crate::server::Server;
+use crate::worker::{self, Outcome, Ticket};
+use crate::warn;
+
+impl Server {
+    /// Queues presence events for the rows table and starts a batch if none is in flight.
+    pub(crate) fn presence_rows(&mut self, events: Vec<crate::presence::Event>) {
+        if self.cfg.presence.database.is_none() {
+            return;
+        }
+        self.rows_batch.extend(events);
+        self.submit_rows();
+    }
+
+    pub(crate) fn submit_rows(&mut self) {
+        if self.rows_in_flight || (self.rows_batch.is_empty() && !self.rows_resync) {
+            return;
+        }
+        let Some(path) = self.cfg.presence.database.clone() else { return };
+        let resync = self.rows_resync;
+        let batch = if resync { self.presence.snapshot() } else { std::mem::take(&mut self.rows_batch) };
+        let (table, instance, now) = (self.cfg.presence.table.clone(), self.cfg.presence.instance.clone(), self.now_secs);
+        // Rows are one copy of the events the batch holds; if the queue is full they are kept for
+        // the next turn (the loop wakes at least every second).
+        let task: worker::Task = Box::new(move |res| {
+            if res.presence_db.is_none() {
+                match crate::presence_rows::open(&path) {
+                    Ok(c) => res.presence_db = Some(c),
+                    Err(e) => return Outcome::Rows(Err(e.to_string())),
+                }
+            }
+            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
+            Outcome::Rows(crate::presence_rows::apply(db, &table, &instance, resync, &batch, now).map_err(|e| e.to_string()))
+        });
+        match self.pool.submit(Ticket { token: usize::MAX, stamp: 0 }, task) {
+            Ok(()) => {
+                self.rows_in_flight = true;
+                if resync {
+                    self.rows_resync = false;
+                    self.rows_batch.clear();
+                }
+            }
+            Err(worker::Busy) => warn!("worker queue full: presence rows wait for the next turn"),
+        }
+    }
+
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

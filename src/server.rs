@@ -203,21 +203,21 @@ pub struct Server {
     /// The events of the turn, in token order (kept for its capacity).
     ready: Vec<Ready>,
     /// Store operations waiting for the next batch.
-    store_batch: Vec<crate::store::Op>,
+    pub(crate) store_batch: Vec<crate::store::Op>,
     /// A store batch is being written.
-    store_in_flight: bool,
+    pub(crate) store_in_flight: bool,
     /// Sequence number of the last operation queued for the store.
     pub store_seq: u64,
     /// Replies waiting for the store (`fsync = "always"`): (sequence, token, connection id, reply).
-    store_acks: VecDeque<(u64, usize, u64, Deferred)>,
+    pub(crate) store_acks: VecDeque<(u64, usize, u64, Deferred)>,
     /// When the next write-behind batch may go (`everysec` / `no`).
-    store_next_flush: Instant,
+    pub(crate) store_next_flush: Instant,
     /// Presence events waiting to be written as rows.
-    rows_batch: Vec<crate::presence::Event>,
+    pub(crate) rows_batch: Vec<crate::presence::Event>,
     /// A batch of rows is being written (one at a time keeps rows in event order).
-    rows_in_flight: bool,
+    pub(crate) rows_in_flight: bool,
     /// A batch failed: the next one rewrites the table from the live state.
-    rows_resync: bool,
+    pub(crate) rows_resync: bool,
     /// Channel -> control connections subscribed to it (`SUBSCRIBE`).
     pub backend_subs: std::collections::HashMap<Box<str>, std::collections::HashSet<usize>>,
     /// Every connection, by token.
@@ -271,7 +271,7 @@ pub struct Server {
     accept_failures: u64,
     accept_logged: Option<Instant>,
     /// Shutdown deadline once a shutdown began.
-    stopping: Option<Instant>,
+    pub(crate) stopping: Option<Instant>,
     /// systemd notifications.
     notifier: crate::notify::Notifier,
     /// When the admin page's next snapshot is due, and the published count at the last one.
@@ -587,165 +587,6 @@ impl Server {
         }
         if self.handle.shutdown.load(Ordering::SeqCst) && self.stopping.is_none() {
             self.begin_shutdown();
-        }
-    }
-
-    /// Records an opened session (or its new user id) for the store, so a restart keeps it.
-    pub fn store_session(&mut self, sid: &str, user: Option<&str>) {
-        if self.cfg.store.is_some() {
-            self.store_batch.push(crate::store::Op::Session { sid: sid.to_string(), user: user.map(str::to_string) });
-            self.store_seq += 1;
-        }
-    }
-
-    /// Records a closed session for the store.
-    pub fn store_session_closed(&mut self, sid: &str) {
-        if self.cfg.store.is_some() {
-            self.store_batch.push(crate::store::Op::SessionClosed { sid: sid.to_string() });
-            self.store_seq += 1;
-        }
-    }
-
-    /// Records a `JOIN` or `LEAVE` for the store, so a restarted daemon still copies the shared
-    /// channel's messages to the session's private stream.
-    pub fn store_join(&mut self, join: bool, sid: &str, channel: &str) {
-        if self.cfg.store.is_some() {
-            let (sid, channel) = (sid.to_string(), channel.to_string());
-            self.store_batch.push(if join { crate::store::Op::Join { sid, channel } } else { crate::store::Op::Leave { sid, channel } });
-            self.store_seq += 1;
-        }
-    }
-
-    /// Records a channel deletion for the store.
-    pub fn store_delete(&mut self, channel: &str) {
-        if self.cfg.store.is_some() {
-            self.store_batch.push(crate::store::Op::Delete { channel: channel.to_string() });
-            self.store_seq += 1;
-        }
-    }
-
-    /// Whether replies to publishers wait for the store (`fsync = "always"`).
-    pub fn store_acks_wait(&self) -> bool {
-        matches!(self.cfg.store, Some((_, crate::store::Fsync::Always)))
-    }
-
-    /// Holds connection `t`'s reply until the store has committed everything queued so far;
-    /// the connection reads nothing more meanwhile, so replies keep their order.
-    pub fn defer_reply(&mut self, t: usize, reply: Deferred) {
-        let Some(c) = self.conns.get_mut(t) else { return };
-        c.store_wait = true;
-        self.store_acks.push_back((self.store_seq, t, c.id, reply));
-    }
-
-    /// Sends the store batch to a worker when it is due: at once with `always` (a publisher is
-    /// waiting) or during shutdown, else at most once a second.
-    fn submit_store(&mut self) {
-        let Some(fsync) = self.cfg.store.as_ref().map(|s| s.1) else { return };
-        for (ch, upto) in self.hub.drops.drain(..) {
-            if !ch.starts_with('@') {
-                self.store_batch.push(crate::store::Op::Drop { channel: ch.to_string(), upto });
-                self.store_seq += 1;
-            }
-        }
-        let due = fsync == crate::store::Fsync::Always || self.stopping.is_some() || self.now >= self.store_next_flush;
-        if self.store_in_flight || self.store_batch.is_empty() || !due {
-            return;
-        }
-        if self.pool.is_full() {
-            // The loop is the only producer, so room seen here is room at submit; without room
-            // the batch stays queued for the next turn (the loop wakes at least every second).
-            warn!("worker queue full: the store batch waits for the next turn");
-            return;
-        }
-        let Some(path) = self.cfg.store.as_ref().map(|s| s.0.clone()) else { return };
-        let batch = std::mem::take(&mut self.store_batch);
-        let upto = self.store_seq;
-        let task: worker::Task = Box::new(move |res| {
-            if res.store_db.is_none() {
-                match crate::store::open(&path, fsync) {
-                    Ok(c) => res.store_db = Some(c),
-                    Err(e) => return Outcome::Stored(upto, Err(e.to_string())),
-                }
-            }
-            let Some(db) = res.store_db.as_mut() else { return Outcome::Stored(upto, Err("no store".into())) };
-            Outcome::Stored(upto, crate::store::apply(db, &batch).map_err(|e| e.to_string()))
-        });
-        match self.pool.submit(Ticket { token: usize::MAX - 1, stamp: upto }, task) {
-            Ok(()) => {
-                self.store_in_flight = true;
-                self.store_next_flush = self.now + Duration::from_secs(1);
-            }
-            Err(worker::Busy) => crate::error!("worker queue full after a check for room: store batch lost"),
-        }
-    }
-
-    /// A store batch finished: release the replies it acknowledges.
-    fn store_done(&mut self, upto: u64, result: Result<(), String>) {
-        self.store_in_flight = false;
-        if let Err(e) = &result {
-            crate::error!("store write failed: {e}; messages up to #{upto} are not persisted");
-        }
-        while self.store_acks.front().is_some_and(|(seq, ..)| *seq <= upto) {
-            let Some((_, t, id, reply)) = self.store_acks.pop_front() else { break };
-            let Some(c) = self.conns.get_mut(t) else { continue };
-            if c.id != id || c.dead {
-                continue;
-            }
-            c.store_wait = false;
-            let failed = result.as_ref().err();
-            match reply {
-                Deferred::Resp(bytes) => match failed {
-                    None => c.out.append(|o| o.extend_from_slice(&bytes)),
-                    Some(e) => c.out.append(|o| crate::resp::error(o, &format!("ERR published but not persisted: {e}"))),
-                },
-                Deferred::Http(status, ct, body, ka) => match failed {
-                    None => self.respond_typed(t, status, "", ct, &body, ka),
-                    Some(_) => self.respond(t, 503, "Retry-After: 1\r\n", b"published but not persisted (store error)", ka),
-                },
-            }
-            self.pending.push(t);
-            self.flush(t);
-        }
-    }
-
-    /// Queues presence events for the rows table and starts a batch if none is in flight.
-    fn presence_rows(&mut self, events: Vec<crate::presence::Event>) {
-        if self.cfg.presence.database.is_none() {
-            return;
-        }
-        self.rows_batch.extend(events);
-        self.submit_rows();
-    }
-
-    fn submit_rows(&mut self) {
-        if self.rows_in_flight || (self.rows_batch.is_empty() && !self.rows_resync) {
-            return;
-        }
-        let Some(path) = self.cfg.presence.database.clone() else { return };
-        let resync = self.rows_resync;
-        let batch = if resync { self.presence.snapshot() } else { std::mem::take(&mut self.rows_batch) };
-        let (table, instance, now) = (self.cfg.presence.table.clone(), self.cfg.presence.instance.clone(), self.now_secs);
-        // Rows are one copy of the events the batch holds; if the queue is full they are kept for
-        // the next turn (the loop wakes at least every second).
-        let task: worker::Task = Box::new(move |res| {
-            if res.presence_db.is_none() {
-                match crate::presence_rows::open(&path) {
-                    Ok(c) => res.presence_db = Some(c),
-                    Err(e) => return Outcome::Rows(Err(e.to_string())),
-                }
-            }
-            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
-            Outcome::Rows(crate::presence_rows::apply(db, &table, &instance, resync, &batch, now).map_err(|e| e.to_string()))
-        });
-        match self.pool.submit(Ticket { token: usize::MAX, stamp: 0 }, task) {
-            Ok(()) => {
-                self.rows_in_flight = true;
-                if resync {
-                    self.rows_resync = false;
-                    self.rows_batch.clear();
-                }
-            }
-            Err(worker::Busy) => warn!("worker queue full: presence rows wait for the next turn"),
         }
     }
 

@@ -159,6 +159,134 @@ pub fn apply(c: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+// ---- the loop's side: operations batched per turn, written behind by a worker ----
+
+use crate::server::{Deferred, Server};
+use crate::worker::{self, Outcome, Ticket};
+use crate::warn;
+use std::time::Duration;
+
+impl Server {
+    /// Records an opened session (or its new user id) for the store, so a restart keeps it.
+    pub fn store_session(&mut self, sid: &str, user: Option<&str>) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::Session { sid: sid.to_string(), user: user.map(str::to_string) });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Records a closed session for the store.
+    pub fn store_session_closed(&mut self, sid: &str) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::SessionClosed { sid: sid.to_string() });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Records a `JOIN` or `LEAVE` for the store, so a restarted daemon still copies the shared
+    /// channel's messages to the session's private stream.
+    pub fn store_join(&mut self, join: bool, sid: &str, channel: &str) {
+        if self.cfg.store.is_some() {
+            let (sid, channel) = (sid.to_string(), channel.to_string());
+            self.store_batch.push(if join { crate::store::Op::Join { sid, channel } } else { crate::store::Op::Leave { sid, channel } });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Records a channel deletion for the store.
+    pub fn store_delete(&mut self, channel: &str) {
+        if self.cfg.store.is_some() {
+            self.store_batch.push(crate::store::Op::Delete { channel: channel.to_string() });
+            self.store_seq += 1;
+        }
+    }
+
+    /// Whether replies to publishers wait for the store (`fsync = "always"`).
+    pub fn store_acks_wait(&self) -> bool {
+        matches!(self.cfg.store, Some((_, crate::store::Fsync::Always)))
+    }
+
+    /// Holds connection `t`'s reply until the store has committed everything queued so far;
+    /// the connection reads nothing more meanwhile, so replies keep their order.
+    pub fn defer_reply(&mut self, t: usize, reply: Deferred) {
+        let Some(c) = self.conns.get_mut(t) else { return };
+        c.store_wait = true;
+        self.store_acks.push_back((self.store_seq, t, c.id, reply));
+    }
+
+    /// Sends the store batch to a worker when it is due: at once with `always` (a publisher is
+    /// waiting) or during shutdown, else at most once a second.
+    pub(crate) fn submit_store(&mut self) {
+        let Some(fsync) = self.cfg.store.as_ref().map(|s| s.1) else { return };
+        for (ch, upto) in self.hub.drops.drain(..) {
+            if !ch.starts_with('@') {
+                self.store_batch.push(crate::store::Op::Drop { channel: ch.to_string(), upto });
+                self.store_seq += 1;
+            }
+        }
+        let due = fsync == crate::store::Fsync::Always || self.stopping.is_some() || self.now >= self.store_next_flush;
+        if self.store_in_flight || self.store_batch.is_empty() || !due {
+            return;
+        }
+        if self.pool.is_full() {
+            // The loop is the only producer, so room seen here is room at submit; without room
+            // the batch stays queued for the next turn (the loop wakes at least every second).
+            warn!("worker queue full: the store batch waits for the next turn");
+            return;
+        }
+        let Some(path) = self.cfg.store.as_ref().map(|s| s.0.clone()) else { return };
+        let batch = std::mem::take(&mut self.store_batch);
+        let upto = self.store_seq;
+        let task: worker::Task = Box::new(move |res| {
+            if res.store_db.is_none() {
+                match crate::store::open(&path, fsync) {
+                    Ok(c) => res.store_db = Some(c),
+                    Err(e) => return Outcome::Stored(upto, Err(e.to_string())),
+                }
+            }
+            let Some(db) = res.store_db.as_mut() else { return Outcome::Stored(upto, Err("no store".into())) };
+            Outcome::Stored(upto, crate::store::apply(db, &batch).map_err(|e| e.to_string()))
+        });
+        match self.pool.submit(Ticket { token: usize::MAX - 1, stamp: upto }, task) {
+            Ok(()) => {
+                self.store_in_flight = true;
+                self.store_next_flush = self.now + Duration::from_secs(1);
+            }
+            Err(worker::Busy) => crate::error!("worker queue full after a check for room: store batch lost"),
+        }
+    }
+
+    /// A store batch finished: release the replies it acknowledges.
+    pub(crate) fn store_done(&mut self, upto: u64, result: Result<(), String>) {
+        self.store_in_flight = false;
+        if let Err(e) = &result {
+            crate::error!("store write failed: {e}; messages up to #{upto} are not persisted");
+        }
+        while self.store_acks.front().is_some_and(|(seq, ..)| *seq <= upto) {
+            let Some((_, t, id, reply)) = self.store_acks.pop_front() else { break };
+            let Some(c) = self.conns.get_mut(t) else { continue };
+            if c.id != id || c.dead {
+                continue;
+            }
+            c.store_wait = false;
+            let failed = result.as_ref().err();
+            match reply {
+                Deferred::Resp(bytes) => match failed {
+                    None => c.out.append(|o| o.extend_from_slice(&bytes)),
+                    Some(e) => c.out.append(|o| crate::resp::error(o, &format!("ERR published but not persisted: {e}"))),
+                },
+                Deferred::Http(status, ct, body, ka) => match failed {
+                    None => self.respond_typed(t, status, "", ct, &body, ka),
+                    Some(_) => self.respond(t, 503, "Retry-After: 1\r\n", b"published but not persisted (store error)", ka),
+                },
+            }
+            self.pending.push(t);
+            self.flush(t);
+        }
+    }
+
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
