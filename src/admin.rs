@@ -22,6 +22,23 @@ pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The push module's channel info (text, or JSON) and its content type.
+pub fn info_body(messages: usize, requested: Option<u64>, subscribers: usize, last: Option<hub::MsgId>, json: bool) -> (&'static str, String) {
+    let requested = requested.map_or(-1, |s| s as i64);
+    let last = last.map(|id| id.to_string()).unwrap_or_default();
+    if json {
+        (
+            "application/json",
+            format!("{{\"messages\":{messages},\"requested\":{requested},\"subscribers\":{subscribers},\"last_message_id\":\"{last}\"}}\n"),
+        )
+    } else {
+        (
+            "text/plain; charset=utf-8",
+            format!("queued messages: {messages}\r\nlast requested: {requested} sec. ago\r\nactive subscribers: {subscribers}\r\nlast message id: {last}\r\n"),
+        )
+    }
+}
+
 impl Server {
     /// The token name whose secret is `secret`.
     pub fn token_by_secret(&self, secret: &[u8]) -> Option<&str> {
@@ -126,6 +143,18 @@ impl Server {
         }
         let json = req.accept.is_some_and(|a| a.contains("application/json"));
         match req.method() {
+            Method::Post | Method::Put | Method::Get | Method::Delete if self.cluster.is_some() => {
+                // Through Redis; the answer comes with its reply.
+                let a = crate::cluster::Asker { token: t, conn: self.conns[t].id, http: Some((ka, json)) };
+                match req.method() {
+                    Method::Get => self.cluster_info(a, &channel),
+                    Method::Delete => self.cluster_delete(a, &channel),
+                    _ => {
+                        let ct = req.content_type.filter(|c| !c.is_empty()).unwrap_or("text/plain");
+                        self.cluster_publish(a, &channel, ct, body);
+                    }
+                }
+            }
             Method::Post | Method::Put => {
                 let ct = req.content_type.filter(|c| !c.is_empty()).unwrap_or("text/plain");
                 let n = self.publish(&channel, ct, body);
@@ -139,12 +168,8 @@ impl Server {
                 self.channel_info(t, &channel, status, json, ka);
             }
             Method::Get => self.channel_info(t, &channel, 200, json, ka),
-            Method::Delete => match self.hub.delete(&channel) {
-                Some(waiters) => {
-                    self.store_delete(&channel);
-                    let n = waiters.len();
-                    self.end_holds(waiters, 410, "channel deleted");
-                    crate::info!("channel {channel} deleted by admin ({n} held polls answered 410)");
+            Method::Delete => match self.channel_deleted(&channel) {
+                Some(n) => {
                     let body = format!("channel deleted, {n} subscribers gone\n");
                     self.respond(t, 200, "", body.as_bytes(), ka)
                 }
@@ -152,6 +177,17 @@ impl Server {
             },
             _ => self.respond(t, 405, "Allow: GET, POST, PUT, DELETE\r\n", b"method not allowed", ka),
         }
+    }
+
+    /// Deletes a channel (here, or on every node of a cluster): its held polls get 410. The
+    /// number of them, None if the channel did not exist here.
+    pub(crate) fn channel_deleted(&mut self, channel: &str) -> Option<usize> {
+        let waiters = self.hub.delete(channel)?;
+        self.store_delete(channel);
+        let n = waiters.len();
+        self.end_holds(waiters, 410, "channel deleted");
+        crate::info!("channel {channel} deleted ({n} held polls answered 410)");
+        Some(n)
     }
 
     fn reject(&mut self, t: usize, status: u16, why: &str, ka: bool) {
@@ -162,25 +198,7 @@ impl Server {
     /// The channel info body (text, or JSON), and its content type; None when absent.
     fn channel_info_body(&self, channel: &str, json: bool) -> (&'static str, String) {
         let Some(i) = self.hub.info(channel, self.now_secs) else { return ("", String::new()) };
-        let requested = i.last_requested.map_or(-1, |s| s as i64);
-        let last = i.last_id.map(|id| id.to_string()).unwrap_or_default();
-        if json {
-            (
-                "application/json",
-                format!(
-                    "{{\"messages\":{},\"requested\":{requested},\"subscribers\":{},\"last_message_id\":\"{last}\"}}\n",
-                    i.messages, i.subscribers
-                ),
-            )
-        } else {
-            (
-                "text/plain; charset=utf-8",
-                format!(
-                    "queued messages: {}\r\nlast requested: {requested} sec. ago\r\nactive subscribers: {}\r\nlast message id: {last}\r\n",
-                    i.messages, i.subscribers
-                ),
-            )
-        }
+        info_body(i.messages, i.last_requested, i.subscribers, i.last_id, json)
     }
 
     fn channel_info(&mut self, t: usize, channel: &str, status: u16, json: bool, ka: bool) {

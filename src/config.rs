@@ -537,14 +537,6 @@ impl Config {
         if cluster.is_some() && store.is_some() {
             return err("store.path", "cannot be set with [cluster]: in a cluster Redis keeps the channel buffers");
         }
-        if let Some(c) = &cluster {
-            // The keys are read and checked, but this build runs a single node only: refusing
-            // is better than running alone while the operator expects a cluster.
-            return err(
-                "cluster.redis",
-                format!("{}: several nodes through Redis are not available in this build; remove [cluster] to run a single node", c.redis),
-            );
-        }
         Ok(Config {
             store,
             cluster,
@@ -679,7 +671,6 @@ mod tests {
             ("[presence]\ngrace_secs = 0\n", "presence.grace_secs"),
             ("[store]\nfsync = \"sometimes\"\n", "store.fsync"),
             ("[cluster]\nredis = \"nonsense\"\n", "cluster.redis"),
-            ("[cluster]\nredis = \"127.0.0.1:6379\"\n", "not available in this build"),
             ("[cluster]\nredis = \"127.0.0.1:6379\"\nnode = \"a b\"\n", "cluster.node"),
             ("[cluster]\nredis = \"127.0.0.1:6379\"\nprefix = \"x*\"\n", "cluster.prefix"),
             ("[cluster]\nredis = \"127.0.0.1:6379\"\n[store]\npath = \"x.db\"\n", "store.path"),

@@ -45,6 +45,10 @@ pub enum Phase {
     /// A poll waiting for its access check (a worker job); the job's ticket carries this
     /// connection's stamp.
     Authorizing(Box<PendingPoll<'static>>),
+    /// A poll (or stream) on a channel this cluster node does not follow yet: it waits until the
+    /// node has subscribed in Redis and fetched the channel's recent messages, then goes on as
+    /// if just allowed (with the user its access check named). The hold timer runs meanwhile.
+    Syncing(Box<(PendingPoll<'static>, Option<String>)>),
     /// A poll held on a channel until a message, a timeout, a delete or shutdown.
     Held(Hold),
     /// An open EventSource or WebSocket stream: a waiter on its channel that waits again after
@@ -342,6 +346,10 @@ pub struct Conn {
     pub backend: Option<Box<Backend>>,
     /// A reply waits for the store to commit (`fsync = "always"`); nothing more is read meanwhile.
     pub store_wait: bool,
+    /// Replies waiting for the cluster's Redis. While any wait, a backend's pipelined commands
+    /// that also go to Redis go on (Redis answers in order), any other waits its turn; an HTTP
+    /// request's next request waits.
+    pub redis_wait: u32,
     /// The peer closed its side (read returned 0).
     pub eof: bool,
     /// The poller signalled the peer's FIN or an error: read until the 0.

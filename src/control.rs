@@ -74,16 +74,21 @@ impl Server {
                     let inbuf = std::mem::take(&mut c.inbuf);
                     let bytes = &inbuf[pos..pos + n];
                     pos += n;
-                    match frame {
+                    let ran = match frame {
                         resp::Frame::Bulks if !spans.is_empty() => resp::with_args(bytes, &spans, |args| self.command(t, args)),
                         resp::Frame::Inline(owned) if !owned.is_empty() => {
                             let args: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
-                            self.command(t, &args);
+                            self.command(t, &args)
                         }
-                        _ => {}
-                    }
+                        _ => true,
+                    };
                     if let Some(c) = self.conns.get_mut(t) {
                         c.inbuf = inbuf;
+                    }
+                    if !ran {
+                        // Waits until this connection's replies from Redis are all in.
+                        pos -= n;
+                        break;
                     }
                 }
                 Err(e) => {
@@ -102,7 +107,9 @@ impl Server {
         self.flush(t);
     }
 
-    fn command(&mut self, t: usize, args: &[&[u8]]) {
+    /// Runs one command and queues its reply. False when it must wait for earlier replies that
+    /// come from the cluster's Redis (it is run again once they are in).
+    fn command(&mut self, t: usize, args: &[&[u8]]) -> bool {
         // The command name, upper-cased on the stack: no allocation per command on the publish
         // path. Names longer than any command fall through to "unknown command".
         let mut upper_buf = [0u8; 16];
@@ -117,6 +124,13 @@ impl Server {
         // The name as sent, for error replies only.
         let name = || String::from_utf8_lossy(&args[0]).into_owned();
         let argc = args.len();
+        let clustered = self.cluster.is_some();
+        if self.conns[t].redis_wait > 0 && !matches!(upper, "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "KICK") {
+            // Commands that go to Redis may follow one another (Redis answers in order); any
+            // other command waits, so that its reply cannot overtake theirs.
+            return false;
+        }
+        let asker = crate::cluster::Asker { token: t, conn: self.conns[t].id, http: None };
         // Client libraries send SELECT / CLIENT SETNAME / COMMAND while connecting, sometimes
         // before AUTH; they touch nothing but this connection, so they need no token.
         let authed = self.cfg.tokens.is_empty() || self.conns[t].backend.as_ref().is_some_and(|b| b.auth.is_some());
@@ -127,7 +141,7 @@ impl Server {
             crate::warn!("control connection from {} sent an HTTP request: closed", self.conns[t].peer);
             self.counters.rejected += 1;
             self.kill(t);
-            return;
+            return true;
         }
         let reply = if !authed && !matches!(upper, "AUTH" | "PING" | "QUIT" | "SELECT" | "CLIENT" | "COMMAND") {
             Reply::Error("NOAUTH Authentication required.".into())
@@ -164,13 +178,18 @@ impl Server {
                 "COMMAND" => Reply::EmptyArray,
                 "PUBLISH" if argc == 3 => match std::str::from_utf8(&args[1]) {
                     Ok(ch) if hub::valid_channel(ch, self.cfg.limits.max_channel_id_bytes) => {
+                        if clustered {
+                            // The reply (nodes that got it) comes once Redis has stored it.
+                            self.cluster_publish(asker, ch, RESP_CONTENT_TYPE, &args[2]);
+                            return true;
+                        }
                         let n = self.publish(ch, RESP_CONTENT_TYPE, &args[2]) as i64;
                         if self.store_acks_wait() {
                             // fsync = "always": the reply waits until the message is on disk.
                             let mut o = Vec::new();
                             resp::integer(&mut o, n);
                             self.defer_reply(t, crate::server::Deferred::Resp(o));
-                            return;
+                            return true;
                         }
                         Reply::Int(n)
                     }
@@ -179,30 +198,22 @@ impl Server {
                 "SESSION.OPEN" if argc == 2 || argc == 3 => match std::str::from_utf8(&args[1]) {
                     Ok(sid) if hub::valid_session(sid) => {
                         let user = args.get(2).map(|u| String::from_utf8_lossy(u).into_owned());
-                        crate::debug!("session {sid} opened (user {user:?})");
-                        self.presence.set_user(sid, user.clone(), &mut self.events);
-                        self.store_session(sid, user.as_deref());
-                        self.hub.open_session(sid, user);
+                        if clustered {
+                            self.cluster_session_open(asker, sid, user);
+                            return true;
+                        }
+                        self.session_opened(sid, user);
                         Reply::Simple("OK")
                     }
                     _ => Reply::Error("ERR invalid session id".into()),
                 },
                 "SESSION.CLOSE" if argc == 2 => match std::str::from_utf8(&args[1]) {
                     Ok(sid) if hub::valid_session(sid) => {
-                        let joined: Vec<Box<str>> = self.hub.session(sid).map(|s| s.joined.iter().cloned().collect()).unwrap_or_default();
-                        match self.hub.close_session(sid) {
-                            Some(waiters) => {
-                                self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
-                                self.store_session_closed(sid);
-                                crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
-                                self.end_holds(waiters, 410, "session closed");
-                                for ch in joined {
-                                    self.presence.leave(sid, &ch, &mut self.events);
-                                }
-                                Reply::Int(1)
-                            }
-                            None => Reply::Int(0),
+                        if clustered {
+                            self.cluster_session_close(asker, sid, false);
+                            return true;
                         }
+                        Reply::Int(i64::from(self.session_closed(sid)))
                     }
                     _ => Reply::Error("ERR invalid session id".into()),
                 },
@@ -215,16 +226,25 @@ impl Server {
                 "ONLINE" if argc == 2 => Reply::Error("ERR syntax: ONLINE [COUNT]".into()),
                 "PRESENCE" if argc == 2 => sessions(&self.presence.on_channel(&String::from_utf8_lossy(&args[1]))),
                 "PUBSUB" if argc >= 2 => self.pubsub(&args[1..]),
+                "JOIN" | "LEAVE" if argc == 3 && clustered => Reply::Error("ERR JOIN and LEAVE are node-local and not available with [cluster] in this build".into()),
                 "JOIN" | "LEAVE" if argc == 3 => self.join_leave(upper == "JOIN", &args[1], &args[2]),
-                "KICK" if argc == 2 => self.kick(&args[1]),
+                "KICK" if argc == 2 => match std::str::from_utf8(&args[1]) {
+                    Ok(sid) if hub::valid_session(sid) => {
+                        if clustered {
+                            self.cluster_session_close(asker, sid, true);
+                            return true;
+                        }
+                        Reply::Int(self.session_kicked(sid) as i64)
+                    }
+                    _ => Reply::Error("ERR invalid session id".into()),
+                },
                 "SIGN" if (2..=4).contains(&argc) => self.sign(&args[1..]),
                 "ECHO" | "AUTH" | "SELECT" | "CLIENT" | "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "INFO" | "AUTH.FLUSH"
                 | "SIGN" | "SUBSCRIBE" | "ONLINE" | "PRESENCE" | "PUBSUB" | "JOIN" | "LEAVE" | "KICK" => arity(&name()),
                 _ => Reply::Error(format!("ERR unknown command '{}'", name().replace(['\r', '\n'], " "))),
             }
         };
-        let Some(c) = self.conns.get_mut(t) else { return };
-        c.out.append(|o| match reply {
+        let encode = |o: &mut Vec<u8>| match reply {
             Reply::Simple(s) => resp::simple(o, s),
             Reply::Error(e) => resp::error(o, &e),
             Reply::Int(n) => resp::integer(o, n),
@@ -232,7 +252,40 @@ impl Server {
             Reply::Null => resp::null_bulk(o),
             Reply::EmptyArray => resp::array_len(o, 0),
             Reply::Raw(b) => o.extend_from_slice(&b),
-        });
+        };
+        let Some(c) = self.conns.get_mut(t) else { return true };
+        if c.redis_wait > 0 {
+            // Earlier replies of this connection still wait for Redis: this one goes after them.
+            let mut o = Vec::new();
+            encode(&mut o);
+            self.cluster_queue_reply(t, o);
+        } else {
+            c.out.append(encode);
+        }
+        true
+    }
+
+    /// A session opened (here, or on another node of the cluster).
+    pub(crate) fn session_opened(&mut self, sid: &str, user: Option<String>) {
+        crate::debug!("session {sid} opened (user {user:?})");
+        self.presence.set_user(sid, user.clone(), &mut self.events);
+        self.store_session(sid, user.as_deref());
+        self.hub.open_session(sid, user);
+    }
+
+    /// A session closed: its held polls get 410 and it leaves its joined channels. False if it
+    /// was not open.
+    pub(crate) fn session_closed(&mut self, sid: &str) -> bool {
+        let joined: Vec<Box<str>> = self.hub.session(sid).map(|s| s.joined.iter().cloned().collect()).unwrap_or_default();
+        let Some(waiters) = self.hub.close_session(sid) else { return false };
+        self.store_delete(&format!("{}{sid}", hub::SESSION_PREFIX));
+        self.store_session_closed(sid);
+        crate::debug!("session {sid} closed ({} held polls answered 410)", waiters.len());
+        self.end_holds(waiters, 410, "session closed");
+        for ch in joined {
+            self.presence.leave(sid, &ch, &mut self.events);
+        }
+        true
     }
 
     fn auth(&mut self, t: usize, args: &[&[u8]]) -> Reply {
@@ -286,6 +339,9 @@ impl Server {
             let subs = &mut self.conns[t].backend().subs;
             if subs.insert(name.as_str().into()) {
                 self.backend_subs.entry(name.as_str().into()).or_default().insert(t);
+                // In a cluster the node follows the channel, so messages published on any node
+                // reach this backend.
+                self.cluster_follow(&name);
             }
             resp::array_len(&mut o, 3);
             resp::bulk(&mut o, b"subscribe");
@@ -389,12 +445,9 @@ impl Server {
     }
 
     /// `KICK sid`: every held poll of the session gets 410, its private channel is closed, it
-    /// goes offline now, and its polls get 403 until the backend opens it again.
-    fn kick(&mut self, sid: &[u8]) -> Reply {
-        let Ok(sid) = std::str::from_utf8(sid) else { return Reply::Error("ERR invalid session id".into()) };
-        if !hub::valid_session(sid) {
-            return Reply::Error("ERR invalid session id".into());
-        }
+    /// goes offline now, and its polls get 403 until the backend opens it again. Returns how
+    /// many held polls it ended.
+    pub(crate) fn session_kicked(&mut self, sid: &str) -> usize {
         let holds = self.presence.forget(sid, &mut self.events);
         let n = holds.len();
         for (id, t) in holds {
@@ -406,7 +459,7 @@ impl Server {
             self.store_session_closed(sid);
         }
         crate::info!("session {sid} kicked ({n} held polls answered 410)");
-        Reply::Int(n as i64)
+        n
     }
 
     /// `AUTH.FLUSH` (everything), `AUTH.FLUSH SESSION <sid>`, `AUTH.FLUSH CHANNEL <channel>`:

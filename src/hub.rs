@@ -379,6 +379,69 @@ impl Hub {
         (msg, waiters)
     }
 
+    /// Buffers a message whose id was given elsewhere (a cluster's Redis), as `publish_from`
+    /// does with its own: None when the channel already has that id or a later one (a copy that
+    /// arrived twice, by subscription and by fetch) or when it is already older than the ttl.
+    /// Expiry runs from the id's own time, the same on every node.
+    pub fn publish_at(&mut self, name: &str, id: MsgId, origin: &str, content_type: &str, body: &[u8], now: u64) -> Option<(Arc<Message>, Waiters)> {
+        self.expire(now);
+        let at = id.time.saturating_add(self.ttl);
+        if at <= now {
+            return None;
+        }
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => add_channel(&mut self.channels, name),
+        };
+        if ch.last_id.is_some_and(|l| l >= id) {
+            return None;
+        }
+        ch.last_id = Some(id);
+        let msg = Arc::new(Message::new(id, origin, content_type, body));
+        ch.messages.push_back(msg.clone());
+        self.buffered += 1;
+        if ch.messages.len() > self.buffer_length {
+            if let Some(old) = ch.messages.pop_front() {
+                ch.dropped = Some(old.id);
+            }
+            self.buffered -= 1;
+        }
+        let waiters = std::mem::take(&mut ch.waiters);
+        if at > ch.expiry_queued {
+            ch.expiry_queued = at;
+            let key = ch.name.clone();
+            self.expiry.push_back((at, key));
+            if self.expiry.len() > 2 * self.buffered + 1024 {
+                self.compact_expiry();
+            }
+        }
+        self.held -= waiters.len();
+        self.stats.published += 1;
+        self.stats.delivered += waiters.len() as u64;
+        Some((msg, waiters))
+    }
+
+    /// Records that messages up to `id` left the channel's buffer elsewhere (a cluster's Redis
+    /// trimmed them), for the skipped-messages header; makes the channel if needed.
+    pub fn mark_dropped(&mut self, name: &str, id: MsgId) {
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => add_channel(&mut self.channels, name),
+        };
+        ch.dropped = ch.dropped.max(Some(id));
+    }
+
+    /// Whether polls or streams wait on `name`.
+    pub fn has_waiters(&self, name: &str) -> bool {
+        self.channels.get(name).is_some_and(|c| !c.waiters.is_empty())
+    }
+
+    /// Takes back `n` deliveries counted by a publish that were not made (a cluster's waiter
+    /// whose cursor was already past the message waits on).
+    pub fn uncount_delivered(&mut self, n: usize) {
+        self.stats.delivered = self.stats.delivered.saturating_sub(n as u64);
+    }
+
     /// Deletes a channel; returns its waiters (to be answered `410`), None if it did not exist.
     pub fn delete(&mut self, name: &str) -> Option<Waiters> {
         let ch = self.channels.remove(name)?;
@@ -515,6 +578,11 @@ impl Hub {
     /// Sessions joined to a channel (whose private channels get its messages).
     pub fn joined_to(&self, channel: &str) -> Vec<Box<str>> {
         self.joins.get(channel).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Every open session with its user id.
+    pub fn sessions(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        self.sessions.iter().map(|(sid, s)| (&**sid, s.user.as_deref()))
     }
 
     /// The open session `sid`.
@@ -749,6 +817,29 @@ mod tests {
             Poll::Held(_) => panic!(),
         }
         assert!(matches!(hub.poll("c", Cursor::After(MsgId { time: 100, tag: 1 }), 3, 0, 100), Poll::Held(_)));
+    }
+
+    #[test]
+    fn ids_given_elsewhere_are_kept_once_in_order() {
+        let mut hub = Hub::new(2, 60);
+        let id = |time, tag| MsgId { time, tag };
+        assert!(matches!(hub.poll("c", Cursor::Oldest, 1, 4, 100), Poll::Held(_)));
+        let (m, w) = hub.publish_at("c", id(100, 0), "c", "t", b"a", 100).unwrap();
+        assert_eq!((m.id, w.len()), (id(100, 0), 1));
+        assert!(hub.publish_at("c", id(100, 0), "c", "t", b"a", 100).is_none(), "a copy that came twice");
+        assert!(hub.publish_at("c", id(99, 5), "c", "t", b"z", 100).is_none(), "older than the last");
+        assert!(hub.publish_at("c", id(30, 0), "old", "t", b"z", 100).is_none(), "past the ttl");
+        hub.publish_at("c", id(100, 1), "c", "t", b"b", 100).unwrap();
+        hub.publish_at("c", id(101, 0), "c", "t", b"c", 101).unwrap();
+        assert_eq!(hub.buffered_count(), 2);
+        assert_eq!(body(&got(hub.poll("c", Cursor::After(id(100, 0)), 2, 4, 101))), b"b");
+        hub.mark_dropped("d", id(90, 0));
+        match hub.poll("d", Cursor::After(id(80, 0)), 3, 4, 101) {
+            Poll::Held(_) => assert!(hub.has_waiters("d")),
+            Poll::Message(..) => panic!(),
+        }
+        hub.expire(161);
+        assert!(hub.info("c", 161).is_none(), "expired by the ids' own time");
     }
 
     #[test]

@@ -579,7 +579,9 @@ fn reply_at(buf: &[u8], at: usize, limits: &Limits, depth: usize) -> Result<Opti
             if n > 0 && depth + 1 > MAX_REPLY_DEPTH {
                 return Err(RespError(TOO_DEEP));
             }
-            let mut items = Vec::with_capacity(n as usize);
+            // The count is the peer's word: reserve for what a reply of this size usually holds,
+            // not for whatever it claims, and let the items themselves grow the vector.
+            let mut items = Vec::with_capacity((n as usize).min(1024));
             let mut pos = next;
             for _ in 0..n {
                 let Some((v, p)) = reply_at(buf, pos, limits, depth + 1)? else { return Ok(None) };

@@ -222,6 +222,8 @@ pub struct Server {
     pub backend_subs: std::collections::HashMap<Box<str>, std::collections::HashSet<usize>>,
     /// Every connection, by token.
     pub conns: Slab<Conn>,
+    /// The link to the cluster's Redis and the channels followed there; None on a single node.
+    pub(crate) cluster: Option<Box<crate::cluster::Cluster>>,
     /// Counters.
     pub counters: Counters,
     /// Open connections by kind (browser, control, admin), kept as they open and close so
@@ -247,7 +249,7 @@ pub struct Server {
     pub guard: crate::guard::Guard,
     /// The access-check settings, shared with worker jobs.
     pub auth_cfg: Arc<crate::config::Auth>,
-    poll: Poll,
+    pub(crate) poll: Poll,
     listeners: [Option<TcpListener>; 3],
     timers: Timers,
     /// Last stamp handed out (connection ids, hold ids, phase stamps share it).
@@ -322,7 +324,11 @@ impl Server {
         let addr = |l: &TcpListener| l.local_addr().map_err(|e| StartError(e.to_string()));
         let addrs = [addr(&b)?, addr(&c)?, addr(&a)?];
         let mut hub = Hub::new(cfg.channels.buffer_length, cfg.channels.message_ttl_secs);
-        hub.set_start_second(crate::time::unix_now());
+        if cfg.cluster.is_none() {
+            // In a cluster ids come from Redis's clock and never repeat across restarts.
+            hub.set_start_second(crate::time::unix_now());
+        }
+        let cluster = cfg.cluster.clone().map(|c| Box::new(crate::cluster::Cluster::new(c, cfg.channels.buffer_length, cfg.limits.max_message_bytes)));
         if let Some((path, fsync)) = &cfg.store {
             // At start, before anything is accepted: the one time the loop thread reads the store.
             let c = crate::store::open(path, *fsync).map_err(|e| StartError(format!("store.path: cannot open {}: {e}", path.display())))?;
@@ -398,6 +404,7 @@ impl Server {
             guard: crate::guard::Guard::new(cfg.limits.auth_max_failures, cfg.limits.auth_penalty),
             auth_cfg,
             conns: Slab::with_capacity(1024),
+            cluster,
             counters: Counters::default(),
             open_by_kind: [0; 3],
             open_streams: [0; 2],
@@ -480,6 +487,7 @@ impl Server {
                     CONTROL => self.accept(1, Kind::Control),
                     ADMIN => self.accept(2, Kind::Admin),
                     WAKER => self.woken(),
+                    crate::cluster::CMD | crate::cluster::SUB => self.cluster_event(Token(r.token), r.writable || r.error),
                     Token(t) => {
                         if r.writable || r.error {
                             self.flush(t);
@@ -519,6 +527,7 @@ impl Server {
             }
             self.flush_streams();
         }
+        self.cluster_flush();
         self.hub.expire(self.now_secs);
         self.emit_events();
         self.submit_rows();
@@ -562,6 +571,9 @@ impl Server {
         }
         if let Some(at) = self.presence.next_deadline() {
             next = next.min(at);
+        }
+        if let Some(c) = &self.cluster {
+            next = next.min(c.next_deadline());
         }
         if let Some(at) = self.accept_paused_until {
             next = next.min(at);
@@ -741,6 +753,7 @@ impl Server {
             readable: true,
             backend: None,
             store_wait: false,
+            redis_wait: 0,
             eof: false,
             hup: false,
             write_blocked: 0,
@@ -815,7 +828,7 @@ impl Server {
             self.process(t);
         }
         let Some(c) = self.conns.get_mut(t) else { return };
-        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_)) && !c.store_wait {
+        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Syncing(_)) && !c.store_wait && c.redis_wait == 0 {
             // Full, nothing parseable, and nothing waiting on output: a request larger than any
             // the caps allow (say, a RESP command whose arguments add up past them). Refuse it
             // rather than wait forever for bytes that cannot fit.
@@ -840,7 +853,7 @@ impl Server {
         if c.eof && !c.dead {
             // The peer is gone or half-closed: a held poll has no one to answer; anything else
             // gets its pending answers flushed, then the connection closes.
-            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_)) || c.out.is_empty() {
+            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Syncing(_)) || c.out.is_empty() {
                 self.kill(t);
             } else {
                 c.close_after_write = true;
@@ -865,11 +878,11 @@ impl Server {
         let limits = self.cfg.limits;
         loop {
             let Some(c) = self.conns.get_mut(t) else { return };
-            if c.dead || c.close_after_write || c.store_wait || c.out.len() > limits.max_output_bytes / 2 {
+            if c.dead || c.close_after_write || c.store_wait || c.redis_wait > 0 || c.out.len() > limits.max_output_bytes / 2 {
                 return;
             }
             let waiting = match c.phase {
-                Phase::Held(_) | Phase::Authorizing(_) => return,
+                Phase::Held(_) | Phase::Authorizing(_) | Phase::Syncing(_) => return,
                 Phase::Stream(_) => {
                     // Bytes that came with the request that opened the stream (a WebSocket's first
                     // frames) are the stream's to read.
@@ -1013,6 +1026,9 @@ impl Server {
     /// Holds a poll, or answers it at once with a buffered message. Either way the session
     /// counts as polling (online, and on the channel) from now.
     pub fn hold(&mut self, t: usize, p: PendingPoll<'_>, user: Option<String>) {
+        if self.cluster_must_park(&p.channel) {
+            return self.cluster_park(t, p, user);
+        }
         if p.transport != crate::conn::Transport::LongPoll {
             return self.open_stream(t, p, user);
         }
@@ -1078,6 +1094,11 @@ impl Server {
             p.sid = Cow::Borrowed("");
         }
         true
+    }
+
+    /// Starts the hold timer of connection `t` for `stamp` (a poll that waits: `poll_timeout`).
+    pub(crate) fn start_hold_timer(&mut self, t: usize, stamp: u64) {
+        self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp });
     }
 
     /// Queues a keep-alive for stream `t` (hold `id`), when keep-alives are on.
@@ -1221,9 +1242,10 @@ impl Server {
     /// Ends a held poll that is still a waiter in the hub (kick, timeout): removes it there, then
     /// answers it.
     pub fn cut_hold(&mut self, t: usize, id: u64, status: u16, why: &str) {
-        let channel = match self.conns.get(t).map(|c| &c.phase) {
-            Some(Phase::Held(h)) if h.id == id => h.channel.clone(),
-            Some(Phase::Stream(s)) if s.hold.id == id => s.hold.channel.clone(),
+        let channel = match self.conns.get(t).map(|c| (&c.phase, c.stamp)) {
+            Some((Phase::Syncing(_), stamp)) if stamp == id => return self.end_parked(t, status),
+            Some((Phase::Held(h), _)) if h.id == id => h.channel.clone(),
+            Some((Phase::Stream(s), _)) if s.hold.id == id => s.hold.channel.clone(),
             _ => return,
         };
         self.hub.cancel(&channel, id);
@@ -1253,6 +1275,12 @@ impl Server {
             });
             self.store_seq += 1;
         }
+        self.fan_out(channel, &msg, waiters)
+    }
+
+    /// Answers the waiters a publish took from `channel` with `msg`: held polls get their answer,
+    /// streams the message and wait again. Returns how many got it.
+    pub(crate) fn fan_out(&mut self, channel: &str, msg: &Arc<Message>, waiters: Waiters) -> usize {
         // The answers go out first; the presence bookkeeping (and freeing the holds) waits until
         // the last one is written, so the thousandth subscriber does not wait on it.
         // They go out in token order, not the waiter map's, for the reason the loop handles its
@@ -1262,16 +1290,26 @@ impl Server {
         let mut streams = std::mem::take(&mut self.streams_fed);
         order.extend(waiters);
         order.sort_unstable_by_key(|&(_, t)| t);
+        let clustered = self.cluster.is_some();
+        let mut passed = 0;
         for (id, t) in order.drain(..) {
+            if clustered && self.cursor_past(t, id, msg.id) {
+                // In a cluster a poll may bring a cursor from another node that already got this
+                // message: it waits for the next one instead of getting it twice.
+                streams.push((id, t));
+                passed += 1;
+                continue;
+            }
             if let Some(h) = self.detach_hold(t, id) {
-                self.answer_message(t, &h.lines, &msg, h.keep_alive);
+                self.answer_message(t, &h.lines, msg, h.keep_alive);
                 ended.push(h);
-            } else if self.stream_deliver(t, id, &msg) {
+            } else if self.stream_deliver(t, id, msg) {
                 streams.push((id, t));
             }
         }
         self.fanout = order;
-        let n = ended.len() + streams.len();
+        let n = ended.len() + streams.len() - passed;
+        self.hub.uncount_delivered(passed);
         // Streams wait again for the next message.
         self.hub.rewait(channel, streams.drain(..));
         self.streams_fed = streams;
@@ -1281,6 +1319,15 @@ impl Server {
         self.ended_holds = ended;
         debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len());
         n
+    }
+
+    /// Whether waiter `id` on connection `t` holds a cursor at or past message `m`.
+    fn cursor_past(&self, t: usize, id: u64, m: crate::hub::MsgId) -> bool {
+        match self.conns.get(t).map(|c| &c.phase) {
+            Some(Phase::Held(h)) if h.id == id => h.cursor.is_some_and(|c| c >= m),
+            Some(Phase::Stream(s)) if s.hold.id == id => s.hold.cursor.is_some_and(|c| c >= m),
+            _ => false,
+        }
     }
 
     /// Sends a pub/sub message to the backends subscribed to `channel`: the RESP frame is built
@@ -1477,6 +1524,7 @@ impl Server {
                 self.kill(x.token);
             }
         }
+        self.cluster_tick();
         if now >= self.admin_tick {
             self.admin_tick = now + Duration::from_secs(1);
             self.admin_publish();
@@ -1517,6 +1565,9 @@ impl Server {
             } else if let Phase::Stream(s) = &c.phase {
                 let id = s.hold.id;
                 self.cut_hold(t, id, 503, "shutting down");
+            } else if let Phase::Syncing(_) = &c.phase {
+                let stamp = c.stamp;
+                self.cut_hold(t, stamp, 503, "shutting down");
             } else if c.out.is_empty() {
                 self.kill(t);
             }
@@ -1538,7 +1589,8 @@ impl Server {
              # Stats\r\nchannels:{}\r\nsessions:{}\r\nbuffered_messages:{}\r\nmessages_published:{}\r\nmessages_delivered:{}\r\n\
              total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n\
              # Auth\r\nauth_mode:{}\r\nauth_cache_entries:{}\r\nauth_cache_hits:{}\r\nauth_jobs:{}\r\nauth_db_queries:{}\r\nauth_http_requests:{}\r\n\
-             jobs_queued:{}\r\njobs_refused:{}\r\njobs_timed_out:{}\r\n",
+             jobs_queued:{}\r\njobs_refused:{}\r\njobs_timed_out:{}\r\n\
+             # Cluster\r\ncluster_enabled:{}\r\n{}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             self.started.elapsed().as_secs(),
@@ -1568,6 +1620,8 @@ impl Server {
             self.pool.queued(),
             self.counters.jobs_refused,
             self.counters.jobs_timed_out,
+            u8::from(self.cluster.is_some()),
+            self.cluster.as_ref().map(|c| c.info()).unwrap_or_default(),
         )
     }
 }
