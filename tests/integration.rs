@@ -15,6 +15,7 @@ mod common;
 #[path = "integration/fuzz.rs"] mod fuzz;
 #[path = "integration/hardening.rs"] mod hardening;
 #[path = "integration/streams.rs"] mod streams;
+#[path = "integration/cluster.rs"] mod cluster;
 
 use common::*;
 use std::collections::HashMap;

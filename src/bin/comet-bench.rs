@@ -62,11 +62,18 @@ RUN OPTIONS:
                                 back-to-back GETs of --path, e.g. nginx `return 204`)
     --http ADDR                 where subscribers connect (IPv4 address:port)
     --control ADDR --token T    comet: the control port (PUBLISH, INFO held_polls) and its token
+    --pub-control ADDR          comet: PUBLISH on this control port instead (another node of a
+                                cluster; held polls are still asked of --control)
+    --pub-http ADDR             nchan: POST to this address instead of --http (another nginx
+                                sharing the channels through Redis)
+    --redis ADDR                a redis-server to read `INFO commandstats` of when every poll
+                                is held and at the end: its calls per published message
     --pub-path PATH             nchan: the publisher location (default /pub, as /pub?id=<ch>)
     --status-path PATH          nchan: the nchan_stub_status location to count held polls;
                                 without it, a fixed --settle time is waited instead
     --settle SECS               wait after the last poll is sent when nothing can be asked (2)
-    --server-pid PID            process to read CPU time and RSS of (nginx: the worker)
+    --server-pid PID[,PID...]   process to read CPU time and RSS of (nginx: the worker); with
+                                several (a cluster's nodes and redis-server) they are summed
     --subs N                    subscribers (connections) (100)
     --channels N|each           channels; subscriber i polls channel i mod N (1)
     --messages N                messages per channel per round (0: only hold, measure memory)
@@ -231,7 +238,7 @@ impl Opts {
 fn run(args: &[String]) -> Result<(), String> {
     let o = Opts::parse(args)?;
     let known = [
-        "target", "http", "control", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
+        "target", "http", "control", "pub-control", "pub-http", "redis", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
         "size", "requests", "path", "sub-path", "multipart", "transport", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
     ];
     if let Some(k) = o.0.keys().find(|k| !known.contains(&k.as_str())) {
@@ -252,7 +259,8 @@ fn run(args: &[String]) -> Result<(), String> {
     let (publisher, held, plain) = match target.as_str() {
         "comet" => {
             let control = o.addr("control")?.ok_or("--target comet needs --control ADDR")?;
-            (Some(Publisher::Comet { control, token: token.clone() }), HeldCheck::CometInfo { control, token: token.clone() }, None)
+            let publish_to = o.addr("pub-control")?.unwrap_or(control);
+            (Some(Publisher::Comet { control: publish_to, token: token.clone() }), HeldCheck::CometInfo { control, token: token.clone() }, None)
         }
         "nchan" => {
             let held = match o.str("status-path") {
@@ -260,7 +268,8 @@ fn run(args: &[String]) -> Result<(), String> {
                 None => HeldCheck::Settle(Duration::from_secs_f64(o.num("settle", 2.0)?)),
             };
             let path = o.str("pub-path").unwrap_or("/pub").to_string();
-            (Some(Publisher::Http { addr: SocketAddr::V4(http), path, bearer: token.clone() }), held, None)
+            let addr = o.addr("pub-http")?.unwrap_or(SocketAddr::V4(http));
+            (Some(Publisher::Http { addr, path, bearer: token.clone() }), held, None)
         }
         "plain" => (None, HeldCheck::Settle(Duration::ZERO), Some(o.num("requests", 100u32)?)),
         t => return Err(format!("--target: {t:?} is not comet, nchan or plain")),
@@ -277,7 +286,11 @@ fn run(args: &[String]) -> Result<(), String> {
         multipart,
         held,
         publisher,
-        server_pid: o.0.get("server-pid").map(|p| p.parse().map_err(|_| "--server-pid: not a pid".to_string())).transpose()?,
+        server_pids: match o.str("server-pid") {
+            Some(list) => list.split(',').map(|p| p.trim().parse().map_err(|_| format!("--server-pid: {p:?} is not a pid"))).collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        },
+        redis: o.addr("redis")?,
         subs,
         channels,
         messages: o.num("messages", 0)?,
@@ -301,6 +314,16 @@ fn run(args: &[String]) -> Result<(), String> {
         eprintln!("comet-bench: note: {n}");
     }
     Ok(())
+}
+
+/// Calls per command between two `INFO commandstats` readings, those that moved, leaving out the
+/// readings' own `INFO`.
+fn redis_diff(a: &load::RedisCalls, b: &load::RedisCalls) -> Vec<(String, u64)> {
+    b.iter()
+        .filter(|(k, _)| k.as_str() != "info")
+        .map(|(k, n)| (k.clone(), n.saturating_sub(a.get(k).copied().unwrap_or(0))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// The figures of a phase as one `key=value` line.
@@ -386,6 +409,21 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
                 put("cpu_us", c.to_string());
                 put("cpu_us_per_delivery", format!("{:.3}", c as f64 / tally.unique.max(1) as f64));
             }
+        }
+        // Redis commands (`--redis`): while the subscribers connected (subscribes, buffer
+        // fetches), and while messages were published and delivered, per published message.
+        if let (Some(b), Some(h)) = (&out.redis_before, &out.redis_at_held) {
+            put("redis_calls_connect", redis_diff(b, h).iter().map(|(_, n)| n).sum::<u64>().to_string());
+        }
+        if let (Some(h), Some(e)) = (&out.redis_at_held, &out.redis_at_end) {
+            let diff = redis_diff(h, e);
+            let total: u64 = diff.iter().map(|(_, n)| n).sum();
+            put("redis_calls", total.to_string());
+            if let Some(p) = out.publish.as_ref().filter(|p| p.published > 0) {
+                put("redis_calls_per_publish", format!("{:.3}", total as f64 / p.published as f64));
+            }
+            let by: Vec<String> = diff.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+            put("redis_cmds", if by.is_empty() { "none".into() } else { by.join(",") });
         }
     }
     // The load generator's CPU over the same phase: near 100% of the elapsed time means the

@@ -56,7 +56,10 @@ pub struct Plan {
     pub multipart: bool,
     pub held: HeldCheck,
     pub publisher: Option<Publisher>,
-    pub server_pid: Option<u32>,
+    /// The server's processes (summed: a cluster's nodes and its redis-server).
+    pub server_pids: Vec<u32>,
+    /// A redis-server whose `INFO commandstats` is read at the same points as the CPU time.
+    pub redis: Option<SocketAddr>,
     pub subs: usize,
     pub channels: usize,
     pub messages: u32,
@@ -167,12 +170,31 @@ pub struct Outcome {
     /// The load generator's own CPU time at the same two points (to tell when it is the limit).
     pub self_at_held: Option<Sample>,
     pub self_at_end: Option<Sample>,
+    /// `plan.redis`'s calls per command at the start, once every poll is held, and at the end.
+    pub redis_before: Option<RedisCalls>,
+    pub redis_at_held: Option<RedisCalls>,
+    pub redis_at_end: Option<RedisCalls>,
     pub held_at: Option<Duration>,
     pub timed_out: bool,
     /// Plain mode: when the requests started and ended.
     pub plain_start: Option<Instant>,
     pub plain_end: Option<Instant>,
     pub note: Vec<String>,
+}
+
+/// Calls per command of a redis-server.
+pub type RedisCalls = BTreeMap<String, u64>;
+
+/// Reads `plan.redis`'s calls per command, if it is set; a failure is noted, not fatal.
+fn redis_calls(plan: &Plan, note: &mut Vec<String>) -> Option<RedisCalls> {
+    let addr = plan.redis?;
+    match publish::redis_commandstats(addr) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            note.push(format!("INFO commandstats of {addr} failed: {e}"));
+            None
+        }
+    }
 }
 
 #[derive(PartialEq, Eq, Debug, Clone, Copy)]
@@ -740,7 +762,8 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
     }
     let t0 = Instant::now();
     let deadline = t0 + plan.timeout;
-    out.before = procfs::maybe(plan.server_pid);
+    out.before = procfs::maybe(&plan.server_pids);
+    out.redis_before = redis_calls(plan, &mut out.note);
     let mut events = Events::with_capacity(4096);
     let mut step = Step::Connecting;
     let mut probe: Option<Probe> = None;
@@ -804,8 +827,9 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                     step = Step::Holding;
                     if plain {
                         // Everyone connected: start the clock and the requests together.
-                        out.at_held = procfs::maybe(plan.server_pid);
+                        out.at_held = procfs::maybe(&plan.server_pids);
                         out.self_at_held = procfs::sample(std::process::id());
+                        out.redis_at_held = redis_calls(plan, &mut out.note);
                         out.held = alive as u64;
                         out.held_at = Some(now - t0);
                         out.plain_start = Some(Instant::now());
@@ -851,8 +875,9 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                 }
                 if held_now.is_some() {
                     out.held_at = Some(now - t0);
-                    out.at_held = procfs::maybe(plan.server_pid);
+                    out.at_held = procfs::maybe(&plan.server_pids);
                     out.self_at_held = procfs::sample(std::process::id());
+                    out.redis_at_held = redis_calls(plan, &mut out.note);
                     eprintln!("comet-bench: {} polls held after {}", out.held, ms(now - t0));
                     if plan.messages == 0 || plan.publisher.is_none() {
                         step = Step::Finished;
@@ -904,8 +929,9 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
             Step::Finished => {}
         }
     }
-    out.at_end = procfs::maybe(plan.server_pid);
+    out.at_end = procfs::maybe(&plan.server_pids);
     out.self_at_end = procfs::sample(std::process::id());
+    out.redis_at_end = redis_calls(plan, &mut out.note);
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = publisher.take() {
         out.publish = Some(h.join().unwrap_or_default());

@@ -1,6 +1,7 @@
 //! The server's CPU time and memory, read from /proc: `utime + stime` of /proc/PID/stat (all
 //! threads of the process) and `VmRSS` of /proc/PID/status. For nginx the pid given is the
-//! worker's, which does the work; the master only waits.
+//! worker's, which does the work; the master only waits. A cluster is several processes (two
+//! nodes and redis-server): their readings are summed.
 
 /// Kernel clock ticks per second in /proc/PID/stat (USER_HZ: 100 on every Linux ABI the bench
 /// runs on; the crate has no libc binding to ask sysconf).
@@ -32,7 +33,13 @@ pub fn sample(pid: u32) -> Option<Sample> {
     Some(Sample { cpu_us: (utime + stime) * 1_000_000 / TICKS_PER_SEC, rss_kb })
 }
 
-/// Samples an optional pid (no pid: nothing to measure).
-pub fn maybe(pid: Option<u32>) -> Option<Sample> {
-    pid.and_then(sample)
+/// Samples the server's processes, summed (no pid: nothing to measure; one gone: None).
+pub fn maybe(pids: &[u32]) -> Option<Sample> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(Sample { cpu_us: 0, rss_kb: 0 }, |acc, &p| {
+        let s = sample(p)?;
+        Some(Sample { cpu_us: acc.cpu_us + s.cpu_us, rss_kb: acc.rss_kb + s.rss_kb })
+    })
 }

@@ -227,3 +227,26 @@ impl Probe {
         }
     }
 }
+
+/// Calls per command of a redis-server (`INFO commandstats`: `cmdstat_<name>:calls=N,...`), on a
+/// connection of its own: the cluster's commands per published message are the difference of
+/// two readings. The reading's own `INFO` is counted by the next one; `redis_calls` leaves
+/// `info` out.
+pub fn redis_commandstats(addr: SocketAddr) -> io::Result<std::collections::BTreeMap<String, u64>> {
+    let mut c = Blocking::connect(addr)?;
+    let mut cmd = Vec::new();
+    wire::resp_command(&mut cmd, &[b"INFO", b"commandstats"]);
+    c.stream.write_all(&cmd)?;
+    let text = c.resp()?;
+    if text.starts_with('-') {
+        return Err(io::Error::other(format!("INFO commandstats: {text}")));
+    }
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?.parse().ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect())
+}
