@@ -10,7 +10,9 @@ use crate::config::{AuthMode, FirstMessage};
 use crate::conn::{PendingPoll, Transport};
 use crate::http::{self, Method, Request};
 use crate::hub::{self, Cursor};
-use crate::server::Server;
+use crate::conn::Phase;
+use crate::server::{Server, AUTH_BUCKETS};
+use crate::worker::{self, Outcome, Ticket};
 use std::sync::Arc;
 
 /// The path by which a page names its own private channel without knowing its session id.
@@ -233,5 +235,73 @@ impl Server {
             (None, FirstMessage::Newest) => Cursor::Newest,
         };
         Ok(Target { channel, sid: sid.unwrap_or(""), cursor, echo })
+    }
+
+    /// A worker answered a poll's access check: the poll goes on if it still waits for it.
+    pub(crate) fn access_done(&mut self, ticket: Ticket, outcome: Outcome) {
+        let Some(c) = self.conns.get_mut(ticket.token) else { return };
+        if c.dead || c.stamp != ticket.stamp || !matches!(c.phase, Phase::Authorizing(_)) {
+            // The browser left, or the check timed out (504 already sent): the answer is moot.
+            return;
+        }
+        let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { return };
+        let verdict = match outcome {
+            Outcome::Access(v) => v,
+            Outcome::Failed | Outcome::Rows(_) | Outcome::Stored(..) => Verdict::Deny(503),
+        };
+        let took = self.now.saturating_duration_since(p.asked).as_secs_f64();
+        let k = &mut self.counters;
+        k.auth_latency_sum += took;
+        for (i, bound) in AUTH_BUCKETS.iter().enumerate() {
+            if took <= *bound {
+                k.auth_latency[i] += 1;
+            }
+        }
+        match verdict {
+            Verdict::Allow(_) => k.auth_allowed += 1,
+            Verdict::Deny(503 | 504) => k.auth_failed += 1,
+            Verdict::Deny(_) => k.auth_denied += 1,
+        }
+        // Transient failures (database locked, callback down) are not remembered, nor an answer
+        // to a question asked before the backend flushed the cache (it may be out of date).
+        if !matches!(verdict, Verdict::Deny(503 | 504)) && p.generation == self.auth_generation {
+            self.auth_cache.put(&p.sid, &p.channel, verdict.clone(), self.now);
+        }
+        self.access_decided(ticket.token, *p, verdict);
+    }
+
+
+    /// Continues a poll once its access is known.
+    pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll<'_>, verdict: Verdict) {
+        match verdict {
+            Verdict::Allow(user) => self.hold(t, p, user),
+            Verdict::Deny(status) => {
+                self.counters.rejected += 1;
+                let lines = String::from_utf8_lossy(p.lines.as_deref().unwrap_or_default()).into_owned();
+                let retry = if status == 503 { "Retry-After: 1\r\n" } else { "" };
+                self.respond(t, status, &format!("{lines}{retry}"), b"access denied", p.keep_alive)
+            }
+        }
+    }
+
+    /// Sends a poll's access check to the pool. A full queue answers 503 at once.
+    pub(crate) fn submit_check(&mut self, t: usize, p: PendingPoll<'_>, task: worker::Task) {
+        let stamp = self.stamp();
+        match self.pool.submit(Ticket { token: t, stamp }, task) {
+            Ok(()) => {
+                self.counters.auth_jobs += 1;
+                let mut p = p;
+                p.generation = self.auth_generation;
+                let Some(c) = self.conns.get_mut(t) else { return };
+                c.stamp = stamp;
+                c.phase = Phase::Authorizing(Box::new(p.into_owned()));
+                self.start_job_timer(t, stamp);
+            }
+            Err(worker::Busy) => {
+                self.counters.jobs_refused += 1;
+                crate::warn!("worker queue full ({} jobs): poll on {} refused with 503", self.cfg.workers.queue, p.channel);
+                self.access_decided(t, p, Verdict::Deny(503));
+            }
+        }
     }
 }

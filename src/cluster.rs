@@ -58,7 +58,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const SUBSCRIBE_BATCH: usize = 512;
 /// Bytes of an entry's header (id, origin, content type) allowed beyond the message cap.
 const ENTRY_HEADER_MAX: usize = 1024;
-/// At most one line a this often about malformed input from Redis.
+/// Bytes read from a link before what came is handled.
+const READ_ROUND: usize = 1 << 20;
+/// At most one line this often about malformed input from Redis.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Publishes one message: id from Redis's clock, stored, trimmed, published. KEYS: buffer list,
@@ -270,10 +272,28 @@ struct Link {
     stream: Option<TcpStream>,
     connected: bool,
     inbuf: Vec<u8>,
+    /// Bytes of `inbuf` already parsed: removed once, when the rest is incomplete, rather than
+    /// after every reply (a burst of thousands of messages arrives in one read).
+    parsed: usize,
     out: Vec<u8>,
 }
 
 impl Link {
+    /// The next complete reply or message, if one is all there.
+    fn next(&mut self, limits: &resp::Limits) -> Result<Option<Value>, resp::RespError> {
+        match resp::parse_reply(&self.inbuf[self.parsed..], limits)? {
+            Some((v, n)) => {
+                self.parsed += n;
+                Ok(Some(v))
+            }
+            None => {
+                self.inbuf.drain(..self.parsed);
+                self.parsed = 0;
+                Ok(None)
+            }
+        }
+    }
+
     /// Writes what the socket takes.
     fn flush(&mut self) -> io::Result<()> {
         let Some(s) = self.stream.as_mut() else { return Ok(()) };
@@ -294,21 +314,28 @@ impl Link {
         Ok(())
     }
 
-    /// Reads what the socket has, up to `cap` bytes kept; Err on EOF or error.
-    fn fill(&mut self, scratch: &mut [u8], cap: usize) -> io::Result<()> {
-        let Some(s) = self.stream.as_mut() else { return Ok(()) };
-        loop {
-            if self.inbuf.len() >= cap {
-                return Err(io::Error::other("reply larger than the node's caps"));
-            }
+    /// Reads what the socket has, at most `READ_ROUND` bytes: Ok(true) when there may be more
+    /// (the caller handles what came, then reads again), Err on EOF, error, or a single reply
+    /// that grew past `cap` bytes unfinished.
+    fn fill(&mut self, scratch: &mut [u8], cap: usize) -> io::Result<bool> {
+        let Some(s) = self.stream.as_mut() else { return Ok(false) };
+        if self.inbuf.len() - self.parsed >= cap {
+            return Err(io::Error::other("a reply larger than the node's caps"));
+        }
+        let mut got = 0;
+        while got < READ_ROUND {
             match s.read(scratch) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection")),
-                Ok(n) => self.inbuf.extend_from_slice(&scratch[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&scratch[..n]);
+                    got += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
+        Ok(true)
     }
 }
 
@@ -554,21 +581,28 @@ impl Server {
                 }
             }
         }
-        let cap = self.cluster().inbuf_cap;
-        let c = self.cluster.as_mut().expect("cluster mode");
-        let link = if which_cmd { &mut c.cmd } else { &mut c.sub };
-        if !link.connected {
-            return;
-        }
-        let result = link.flush().and_then(|()| link.fill(&mut self.scratch, cap));
-        if let Err(e) = result {
-            let why = format!("{e}");
-            return self.cluster_down(&why);
-        }
-        if which_cmd {
-            self.cluster_replies();
-        } else {
-            self.cluster_messages();
+        loop {
+            let Some(c) = self.cluster.as_mut() else { return };
+            let cap = c.inbuf_cap;
+            let link = if which_cmd { &mut c.cmd } else { &mut c.sub };
+            if !link.connected {
+                return;
+            }
+            let more = match link.flush().and_then(|()| link.fill(&mut self.scratch, cap)) {
+                Ok(more) => more,
+                Err(e) => {
+                    let why = format!("{e}");
+                    return self.cluster_down(&why);
+                }
+            };
+            if which_cmd {
+                self.cluster_replies();
+            } else {
+                self.cluster_messages();
+            }
+            if !more {
+                return;
+            }
         }
     }
 
@@ -909,13 +943,12 @@ impl Server {
     fn cluster_replies(&mut self) {
         loop {
             let Some(c) = self.cluster.as_mut() else { return };
-            let parsed = resp::parse_reply(&c.cmd.inbuf, &c.limits);
-            let (value, n) = match parsed {
-                Ok(Some(x)) => x,
+            let limits = c.limits;
+            let value = match c.cmd.next(&limits) {
+                Ok(Some(v)) => v,
                 Ok(None) => return,
                 Err(e) => return self.cluster_down(&format!("unreadable reply: {}", e.message())),
             };
-            c.cmd.inbuf.drain(..n);
             let Some((_, w)) = c.waiting.pop_front() else {
                 return self.cluster_down("a reply to no command");
             };
@@ -1087,6 +1120,18 @@ impl Server {
         let Value::Array(items) = v else {
             return self.cluster_down("Redis answered the fetch script with something else");
         };
+        if items.first().and_then(Value::bytes).is_some_and(|l| l.is_empty()) {
+            if let Some(last) = self.hub.info(name, self.now_secs).and_then(|i| i.last_id) {
+                // Redis has no last id for a channel this node holds messages of (it restarted
+                // empty): give it back, so the next id there comes after the ones browsers have.
+                let (now, ttl) = (self.now, self.cfg.channels.message_ttl_secs.to_string());
+                let c = self.cluster();
+                let (_, ki) = c.keys(name);
+                let id = last.to_string();
+                c.send(&[b"HSETNX", ki.as_bytes(), b"last", id.as_bytes()], Waiting::Setup, now);
+                c.send(&[b"EXPIRE", ki.as_bytes(), ttl.as_bytes()], Waiting::Setup, now);
+            }
+        }
         if let Some(d) = items.get(1).and_then(Value::bytes).filter(|d| !d.is_empty()) {
             match parse_id(d) {
                 Some(id) => self.hub.mark_dropped(name, id),
@@ -1134,12 +1179,12 @@ impl Server {
     fn cluster_messages(&mut self) {
         loop {
             let Some(c) = self.cluster.as_mut() else { return };
-            let (value, n) = match resp::parse_reply(&c.sub.inbuf, &c.limits) {
-                Ok(Some(x)) => x,
+            let limits = c.limits;
+            let value = match c.sub.next(&limits) {
+                Ok(Some(v)) => v,
                 Ok(None) => break,
                 Err(e) => return self.cluster_down(&format!("unreadable message: {}", e.message())),
             };
-            c.sub.inbuf.drain(..n);
             let items = match value {
                 Value::Array(items) if items.len() == 3 => items,
                 Value::Simple(_) => continue, // AUTH's OK

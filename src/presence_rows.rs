@@ -78,7 +78,22 @@ use crate::server::Server;
 use crate::worker::{self, Outcome, Ticket};
 use crate::warn;
 
+/// The ticket token of presence-row batches (no connection has it).
+pub const TICKET: usize = usize::MAX;
+
 impl Server {
+    /// A batch of rows was written, or failed.
+    pub(crate) fn rows_done(&mut self, result: Result<(), String>) {
+        self.rows_in_flight = false;
+        if let Err(e) = result {
+            // The batch is lost with its transaction: rewrite the whole table from the live
+            // state next time, so the rows cannot drift from the truth.
+            crate::error!("presence rows not written ({e}); the table will be rewritten");
+            self.rows_resync = true;
+        }
+        self.submit_rows();
+    }
+
     /// Queues presence events for the rows table and starts a batch if none is in flight.
     pub(crate) fn presence_rows(&mut self, events: Vec<crate::presence::Event>) {
         if self.cfg.presence.database.is_none() {
@@ -108,7 +123,7 @@ impl Server {
             let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
             Outcome::Rows(crate::presence_rows::apply(db, &table, &instance, resync, &batch, now).map_err(|e| e.to_string()))
         });
-        match self.pool.submit(Ticket { token: usize::MAX, stamp: 0 }, task) {
+        match self.pool.submit(Ticket { token: TICKET, stamp: 0 }, task) {
             Ok(()) => {
                 self.rows_in_flight = true;
                 if resync {

@@ -602,89 +602,16 @@ impl Server {
         }
     }
 
-    /// A worker finished a job: act on it if its connection is still waiting for it.
+    /// A worker finished a job: each kind goes to the file of its concern (the store, the
+    /// presence rows, a poll's access check), which acts on it if it is still wanted.
     fn job_done(&mut self, ticket: Ticket, outcome: Outcome) {
-        if let Outcome::Stored(upto, result) = outcome {
-            return self.store_done(upto, result);
-        }
-        if ticket.token == usize::MAX {
-            self.rows_in_flight = false;
-            let failed = match outcome {
-                Outcome::Rows(Ok(())) => None,
-                Outcome::Rows(Err(e)) => Some(e),
-                _ => Some("the job failed".to_string()),
-            };
-            if let Some(e) = failed {
-                // The batch is lost with its transaction: rewrite the whole table from the live
-                // state next time, so the rows cannot drift from the truth.
-                crate::error!("presence rows not written ({e}); the table will be rewritten");
-                self.rows_resync = true;
-            }
-            self.submit_rows();
-            return;
-        }
-        let Some(c) = self.conns.get_mut(ticket.token) else { return };
-        if c.dead || c.stamp != ticket.stamp || !matches!(c.phase, Phase::Authorizing(_)) {
-            // The browser left, or the check timed out (504 already sent): the answer is moot.
-            return;
-        }
-        let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { return };
-        let verdict = match outcome {
-            Outcome::Access(v) => v,
-            Outcome::Failed | Outcome::Rows(_) | Outcome::Stored(..) => Verdict::Deny(503),
-        };
-        let took = self.now.saturating_duration_since(p.asked).as_secs_f64();
-        let k = &mut self.counters;
-        k.auth_latency_sum += took;
-        for (i, bound) in AUTH_BUCKETS.iter().enumerate() {
-            if took <= *bound {
-                k.auth_latency[i] += 1;
-            }
-        }
-        match verdict {
-            Verdict::Allow(_) => k.auth_allowed += 1,
-            Verdict::Deny(503 | 504) => k.auth_failed += 1,
-            Verdict::Deny(_) => k.auth_denied += 1,
-        }
-        // Transient failures (database locked, callback down) are not remembered, nor an answer
-        // to a question asked before the backend flushed the cache (it may be out of date).
-        if !matches!(verdict, Verdict::Deny(503 | 504)) && p.generation == self.auth_generation {
-            self.auth_cache.put(&p.sid, &p.channel, verdict.clone(), self.now);
-        }
-        self.access_decided(ticket.token, *p, verdict);
-    }
-
-    /// Continues a poll once its access is known.
-    pub(crate) fn access_decided(&mut self, t: usize, p: PendingPoll<'_>, verdict: Verdict) {
-        match verdict {
-            Verdict::Allow(user) => self.hold(t, p, user),
-            Verdict::Deny(status) => {
-                self.counters.rejected += 1;
-                let lines = String::from_utf8_lossy(p.lines.as_deref().unwrap_or_default()).into_owned();
-                let retry = if status == 503 { "Retry-After: 1\r\n" } else { "" };
-                self.respond(t, status, &format!("{lines}{retry}"), b"access denied", p.keep_alive)
-            }
-        }
-    }
-
-    /// Sends a poll's access check to the pool. A full queue answers 503 at once.
-    pub(crate) fn submit_check(&mut self, t: usize, p: PendingPoll<'_>, task: worker::Task) {
-        let stamp = self.stamp();
-        match self.pool.submit(Ticket { token: t, stamp }, task) {
-            Ok(()) => {
-                self.counters.auth_jobs += 1;
-                let mut p = p;
-                p.generation = self.auth_generation;
-                let Some(c) = self.conns.get_mut(t) else { return };
-                c.stamp = stamp;
-                c.phase = Phase::Authorizing(Box::new(p.into_owned()));
-                self.timers.job.push_back(Timer { at: self.now + self.cfg.workers.job_timeout, token: t, stamp });
-            }
-            Err(worker::Busy) => {
-                self.counters.jobs_refused += 1;
-                warn!("worker queue full ({} jobs): poll on {} refused with 503", self.cfg.workers.queue, p.channel);
-                self.access_decided(t, p, Verdict::Deny(503));
-            }
+        match (ticket.token, outcome) {
+            (_, Outcome::Stored(upto, result)) => self.store_done(upto, result),
+            // A job that panicked still ends its batch, or the next one would never go.
+            (crate::store::TICKET, _) => self.store_done(ticket.stamp, Err("the store job failed".into())),
+            (crate::presence_rows::TICKET, Outcome::Rows(result)) => self.rows_done(result),
+            (crate::presence_rows::TICKET, _) => self.rows_done(Err("the job failed".into())),
+            (_, outcome) => self.access_done(ticket, outcome),
         }
     }
 
@@ -1099,6 +1026,11 @@ impl Server {
     /// Starts the hold timer of connection `t` for `stamp` (a poll that waits: `poll_timeout`).
     pub(crate) fn start_hold_timer(&mut self, t: usize, stamp: u64) {
         self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp });
+    }
+
+    /// Starts the job timer of connection `t` for `stamp` (an access check: `job_timeout` -> 504).
+    pub(crate) fn start_job_timer(&mut self, t: usize, stamp: u64) {
+        self.timers.job.push_back(Timer { at: self.now + self.cfg.workers.job_timeout, token: t, stamp });
     }
 
     /// Queues a keep-alive for stream `t` (hold `id`), when keep-alives are on.

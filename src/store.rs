@@ -166,6 +166,9 @@ use crate::worker::{self, Outcome, Ticket};
 use crate::warn;
 use std::time::Duration;
 
+/// The ticket token of store batches (no connection has it); the stamp is the batch's sequence.
+pub const TICKET: usize = usize::MAX - 1;
+
 impl Server {
     /// Records an opened session (or its new user id) for the store, so a restart keeps it.
     pub fn store_session(&mut self, sid: &str, user: Option<&str>) {
@@ -247,7 +250,7 @@ impl Server {
             let Some(db) = res.store_db.as_mut() else { return Outcome::Stored(upto, Err("no store".into())) };
             Outcome::Stored(upto, crate::store::apply(db, &batch).map_err(|e| e.to_string()))
         });
-        match self.pool.submit(Ticket { token: usize::MAX - 1, stamp: upto }, task) {
+        match self.pool.submit(Ticket { token: TICKET, stamp: upto }, task) {
             Ok(()) => {
                 self.store_in_flight = true;
                 self.store_next_flush = self.now + Duration::from_secs(1);

@@ -324,6 +324,11 @@ fn delete_on_one_node_ends_polls_on_every_node() {
 fn redis_killed_and_restarted_publishes_fail_visibly_held_polls_stay_and_delivery_resumes() {
     let mut redis = Redis::start();
     let ns = nodes(&redis, 3, |c| c.set("browser", "poll_timeout_secs", "30"));
+    // A session and a message from before the outage.
+    assert_eq!(ns[0].backend().cmd(&["SESSION.OPEN", "keep", "7"]).to_string(), "+OK");
+    publish_reply(&ns[0], "ids", "before");
+    let before = ns[1].browser().request(&get("/sub/ids", &[]));
+    assert_text_message(&before, "before");
     let mut polls: Vec<Http> = (0..3).map(|i| hold(&ns[i], "/sub/steady", &[])).collect();
     for d in &ns {
         wait_live(d, 1);
@@ -364,6 +369,18 @@ fn redis_killed_and_restarted_publishes_fail_visibly_held_polls_stay_and_deliver
         assert_text_message(&p.response(), "back");
     }
     assert!(ns[0].info()["cluster_reconnects"].parse::<u64>().unwrap() >= 1);
+    // Redis came back empty: the nodes wrote back the open session, and the channel's ids go on
+    // after the ones browsers already hold (even within the same second).
+    assert_eq!(redis.cli(&["HGET", "comet:sessions", "keep"]), "=7");
+    // Still open on every node: its private channel is held, not refused with 403.
+    hold(&ns[2], "/sub/@me", &[("Cookie", "PHPSESSID=keep")]).expect_nothing(ms(300));
+    let c = after(&before);
+    let mut poll = hold(&ns[1], "/sub/ids", &[(&c[0].0, &c[0].1), (&c[1].0, &c[1].1)]);
+    ns[1].wait_held(1);
+    publish_reply(&ns[2], "ids", "after");
+    let r = poll.response();
+    assert_text_message(&r, "after");
+    assert!(r.message_id() > before.message_id());
 }
 
 #[test]
