@@ -63,36 +63,42 @@ const READ_ROUND: usize = 1 << 20;
 /// At most one line this often about malformed input from Redis.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// Publishes one message: id from Redis's clock, stored, trimmed, published. KEYS: buffer list,
-/// info hash. ARGV: pub/sub channel, origin, content type, body, buffer length, ttl. Answers
-/// `{id, nodes that received it, buffered messages}`.
+/// Publishes one message: id from Redis's clock, stored, trimmed, published; and a copy of it on
+/// the private channel of every session joined to the channel (`JOIN`), each with its own id.
+/// ARGV: key prefix, content type, body, buffer length, ttl, then the channels (the first is the
+/// one published to, the origin of the copies). Answers `{id, nodes that received it, buffered
+/// messages}` for the first.
 const PUBLISH_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1])
-local time, tag = now, 0
-local last = redis.call('HGET', KEYS[2], 'last')
-if last then
-  local lt, lg = string.match(last, '^(%d+):(%d+)$')
-  lt = tonumber(lt)
-  if lt and lt >= now then time = lt; tag = tonumber(lg) + 1 end
+local P, ct, body = ARGV[1], ARGV[2], ARGV[3]
+local max, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = tonumber(redis.call('TIME')[1])
+local function put(ch, origin)
+  local kb, ki = P .. ':b:' .. ch, P .. ':i:' .. ch
+  local time, tag = now, 0
+  local last = redis.call('HGET', ki, 'last')
+  if last then
+    local lt, lg = string.match(last, '^(%d+):(%d+)$')
+    lt = tonumber(lt)
+    if lt and lt >= now then time = lt; tag = tonumber(lg) + 1 end
+  end
+  local id = string.format('%d:%d', time, tag)
+  local entry = id .. '\n' .. origin .. '\n' .. ct .. '\n' .. body
+  local len = redis.call('RPUSH', kb, entry)
+  local dropped = nil
+  while len > max do dropped = redis.call('LPOP', kb); len = len - 1 end
+  while len > 0 do
+    local ft = tonumber(string.match(redis.call('LINDEX', kb, 0), '^(%d+):'))
+    if ft and ft + ttl > now then break end
+    dropped = redis.call('LPOP', kb); len = len - 1
+  end
+  if dropped then redis.call('HSET', ki, 'dropped', string.match(dropped, '^([^\n]*)')) end
+  redis.call('HSET', ki, 'last', id)
+  redis.call('EXPIRE', kb, ttl)
+  redis.call('EXPIRE', ki, ttl)
+  return id, redis.call('PUBLISH', P .. ':m:' .. ch, entry), len
 end
-local id = string.format('%d:%d', time, tag)
-local entry = id .. '\n' .. ARGV[2] .. '\n' .. ARGV[3] .. '\n' .. ARGV[4]
-local len = redis.call('RPUSH', KEYS[1], entry)
-local max, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
-local dropped = nil
-while len > max do dropped = redis.call('LPOP', KEYS[1]); len = len - 1 end
-while len > 0 do
-  local first = redis.call('LINDEX', KEYS[1], 0)
-  local ft = tonumber(string.match(first, '^(%d+):'))
-  if ft and ft + ttl > now then break end
-  dropped = redis.call('LPOP', KEYS[1]); len = len - 1
-end
-if dropped then redis.call('HSET', KEYS[2], 'dropped', string.match(dropped, '^([^\n]*)')) end
-redis.call('HSET', KEYS[2], 'last', id)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-local n = redis.call('PUBLISH', ARGV[1], entry)
+local id, n, len = put(ARGV[6], ARGV[6])
+for i = 7, #ARGV do put(ARGV[i], ARGV[6]) end
 return {id, n, len}
 "#;
 
@@ -103,14 +109,34 @@ for i, e in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do r[i + 2] = e end
 return r
 "#;
 
-/// Opens or closes a session and tells every node. KEYS: sessions hash, ctl channel. ARGV:
-/// "open" / "close", sid, stored value, ctl message. Answers 1, or HDEL's count.
+/// Opens or closes a session and tells every node. KEYS: sessions hash, ctl channel, joins
+/// hash. ARGV: "open" / "close", sid, stored value, ctl message. Answers 1, or HDEL's count.
 const SESSION_LUA: &str = r#"
 local r
 if ARGV[1] == 'open' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]); r = 1
-else r = redis.call('HDEL', KEYS[1], ARGV[2]) end
+else r = redis.call('HDEL', KEYS[1], ARGV[2]); redis.call('HDEL', KEYS[3], ARGV[2]) end
 redis.call('PUBLISH', KEYS[2], ARGV[4])
 return r
+"#;
+
+/// `JOIN` / `LEAVE`, kept in the joins hash (sid -> channels, one per line) and told to every
+/// node. KEYS: sessions hash, joins hash, ctl channel. ARGV: "join" / "leave", sid, channel, ctl
+/// message. Answers 1 (changed), 0 (already so), -1 (no such session, for a join).
+const JOIN_LUA: &str = r#"
+local sid, ch = ARGV[2], ARGV[3]
+if ARGV[1] == 'join' and redis.call('HEXISTS', KEYS[1], sid) == 0 then return -1 end
+local have = redis.call('HGET', KEYS[2], sid) or ''
+local list, found = {}, false
+for c in string.gmatch(have, '[^\n]+') do
+  if c == ch then found = true else list[#list + 1] = c end
+end
+if ARGV[1] == 'join' then
+  if found then return 0 end
+  list[#list + 1] = ch
+elseif not found then return 0 end
+if #list == 0 then redis.call('HDEL', KEYS[2], sid) else redis.call('HSET', KEYS[2], sid, table.concat(list, '\n')) end
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return 1
 "#;
 
 /// Deletes a channel's buffer and tells every node. KEYS: list, hash, ctl channel. ARGV: ctl
@@ -121,11 +147,26 @@ redis.call('PUBLISH', KEYS[3], ARGV[1])
 return n
 "#;
 
-const SCRIPTS: [&str; 4] = [PUBLISH_LUA, FETCH_LUA, SESSION_LUA, DELETE_LUA];
+pub(crate) const SCRIPTS: [&str; 9] = [
+    PUBLISH_LUA,
+    FETCH_LUA,
+    SESSION_LUA,
+    DELETE_LUA,
+    JOIN_LUA,
+    crate::cluster_presence::SHARE_LUA,
+    crate::cluster_presence::RESYNC_LUA,
+    crate::cluster_presence::TICK_LUA,
+    crate::cluster_presence::QUERY_LUA,
+];
 const PUBLISH: usize = 0;
 const FETCH: usize = 1;
 const SESSION: usize = 2;
 const DELETE: usize = 3;
+const JOIN: usize = 4;
+pub(crate) const SHARE: usize = 5;
+pub(crate) const RESYNC: usize = 6;
+pub(crate) const TICK: usize = 7;
+pub(crate) const QUERY: usize = 8;
 
 /// The SHA1 of a script, as `SCRIPT LOAD` answers it and `EVALSHA` names it.
 pub fn script_sha(script: &str) -> String {
@@ -180,6 +221,8 @@ pub enum Ctl<'a> {
     Close(&'a str),
     Kick(&'a str),
     Delete(&'a str),
+    Join(&'a str, &'a str),
+    Leave(&'a str, &'a str),
 }
 
 impl Ctl<'_> {
@@ -191,6 +234,8 @@ impl Ctl<'_> {
             Ctl::Close(sid) => format!("close\n{sid}"),
             Ctl::Kick(sid) => format!("kick\n{sid}"),
             Ctl::Delete(ch) => format!("delete\n{ch}"),
+            Ctl::Join(sid, ch) => format!("join\n{sid}\n{ch}"),
+            Ctl::Leave(sid, ch) => format!("leave\n{sid}\n{ch}"),
         }
         .into_bytes()
     }
@@ -209,6 +254,13 @@ impl Ctl<'_> {
             "close" if sid_ok(rest) => Some(Ctl::Close(rest)),
             "kick" if sid_ok(rest) => Some(Ctl::Kick(rest)),
             "delete" if hub::valid_channel(rest, max_channel) => Some(Ctl::Delete(rest)),
+            "join" | "leave" => {
+                let (sid, ch) = rest.split_once('\n')?;
+                if !sid_ok(sid) || !hub::valid_channel(ch, max_channel) || ch.starts_with(hub::SESSION_PREFIX) {
+                    return None;
+                }
+                Some(if verb == "join" { Ctl::Join(sid, ch) } else { Ctl::Leave(sid, ch) })
+            }
             _ => None,
         }
     }
@@ -241,7 +293,7 @@ pub struct Asker {
 }
 
 #[derive(Debug)]
-enum SessionOp {
+pub(crate) enum SessionOp {
     Open(Box<str>, Option<String>),
     Close(Box<str>),
     Kick(Box<str>),
@@ -249,7 +301,7 @@ enum SessionOp {
 
 /// What a command in flight on the command link waits for.
 #[derive(Debug)]
-enum Waiting {
+pub(crate) enum Waiting {
     /// AUTH, SCRIPT LOAD, the re-asserted sessions: an error takes the link down.
     Setup,
     /// The sessions hash, read on connect.
@@ -264,6 +316,18 @@ enum Waiting {
     Info(Asker, Box<str>),
     /// A reply already made, queued behind this connection's earlier ones (sent to nothing).
     Ready(Asker, Vec<u8>),
+    /// `JOIN` / `LEAVE`.
+    Join(Asker, bool, Box<str>, Box<str>),
+    /// The joins hash, read on connect.
+    Joins,
+    /// The epoch key, read on connect: whether Redis kept its data.
+    Epoch,
+    /// This node's presence share, sent (a turn's changes, or the whole share).
+    Share,
+    /// The heartbeat: nodes alive, reaped, sessions online.
+    Tick,
+    /// `ONLINE`, `PRESENCE`, `PUBSUB` asked of the whole cluster.
+    Query(Asker, crate::cluster_presence::Query),
 }
 
 /// One TCP connection to Redis.
@@ -360,11 +424,13 @@ struct Follow {
 
 /// The cluster's state, owned by the loop.
 pub struct Cluster {
-    cfg: crate::config::Cluster,
+    pub(crate) cfg: crate::config::Cluster,
     cmd: Link,
     sub: Link,
     /// Both links connected and set up.
-    up: bool,
+    pub(crate) up: bool,
+    /// Since when the link has been up without a break.
+    pub(crate) up_since: Option<Instant>,
     /// Was ever up (a later setup is a reconnect).
     was_up: bool,
     /// Connecting since (both links), or None.
@@ -374,9 +440,10 @@ pub struct Cluster {
     failures: u32,
     waiting: VecDeque<(Instant, Waiting)>,
     follows: HashMap<Arc<str>, Follow>,
-    shas: [String; 4],
-    ctl: String,
+    pub(crate) shas: [String; 9],
+    pub(crate) ctl: String,
     sessions_key: String,
+    joins_key: String,
     /// `<prefix>:m:`, the start of every message channel.
     msg_prefix: String,
     limits: resp::Limits,
@@ -393,6 +460,8 @@ pub struct Cluster {
     /// Commands sent, and publishes among them (for the commands-per-publish figure).
     pub commands: u64,
     pub publishes: u64,
+    /// The cluster-wide presence: this node's share and what the heartbeat last said.
+    pub(crate) presence: crate::cluster_presence::Share,
 }
 
 impl Cluster {
@@ -403,6 +472,7 @@ impl Cluster {
         Cluster {
             ctl: format!("{p}:ctl"),
             sessions_key: format!("{p}:sessions"),
+            joins_key: format!("{p}:joins"),
             msg_prefix: format!("{p}:m:"),
             shas: SCRIPTS.map(script_sha),
             // A fetch answers at most a buffer of entries; HGETALL two strings per open session.
@@ -413,6 +483,7 @@ impl Cluster {
             cmd: Link::default(),
             sub: Link::default(),
             up: false,
+            up_since: None,
             was_up: false,
             connecting: None,
             retry_at: Some(Instant::now()),
@@ -427,6 +498,7 @@ impl Cluster {
             failure_logged: None,
             commands: 0,
             publishes: 0,
+            presence: crate::cluster_presence::Share::default(),
         }
     }
 
@@ -455,16 +527,33 @@ impl Cluster {
         at
     }
 
+    /// `up`, `connecting` or `down`.
+    pub fn link_state(&self) -> &'static str {
+        if self.up {
+            "up"
+        } else if self.connecting.is_some() {
+            "connecting"
+        } else {
+            "down"
+        }
+    }
+
+    /// Channels followed.
+    pub fn followed(&self) -> usize {
+        self.follows.len()
+    }
+
     /// The `# Cluster` lines of `INFO`.
     pub fn info(&self) -> String {
         let live = self.follows.values().filter(|f| matches!(f.state, State::Live)).count();
         format!(
             "cluster_node:{}\r\ncluster_redis:{}\r\ncluster_prefix:{}\r\ncluster_link:{}\r\ncluster_last_error:{}\r\ncluster_reconnects:{}\r\n\
-             cluster_channels_followed:{}\r\ncluster_channels_live:{live}\r\ncluster_commands_in_flight:{}\r\ncluster_commands_sent:{}\r\ncluster_publishes:{}\r\ncluster_malformed_messages:{}\r\n",
+             cluster_channels_followed:{}\r\ncluster_channels_live:{live}\r\ncluster_commands_in_flight:{}\r\ncluster_commands_sent:{}\r\ncluster_publishes:{}\r\ncluster_malformed_messages:{}\r\n\
+             cluster_rtt_ms:{}\r\ncluster_nodes_alive:{}\r\ncluster_nodes:{}\r\ncluster_sessions_online:{}\r\ncluster_nodes_removed:{}\r\n",
             self.cfg.node,
             self.cfg.redis,
             self.cfg.prefix,
-            if self.up { "up" } else if self.connecting.is_some() { "connecting" } else { "down" },
+            self.link_state(),
             if self.up { "" } else { &self.last_error },
             self.reconnects,
             self.follows.len(),
@@ -472,6 +561,11 @@ impl Cluster {
             self.commands,
             self.publishes,
             self.malformed,
+            self.presence.rtt.map_or(String::new(), |d| format!("{:.3}", d.as_secs_f64() * 1000.0)),
+            self.presence.alive.len(),
+            self.presence.alive.join(","),
+            self.presence.online,
+            self.presence.reaped,
         )
     }
 
@@ -486,7 +580,7 @@ impl Cluster {
     }
 
     /// Queues a command on the command link and what its reply is for.
-    fn send(&mut self, args: &[&[u8]], w: Waiting, now: Instant) {
+    pub(crate) fn send(&mut self, args: &[&[u8]], w: Waiting, now: Instant) {
         command(&mut self.cmd.out, args);
         self.commands += 1;
         self.waiting.push_back((now, w));
@@ -507,7 +601,7 @@ impl Cluster {
     }
 
     /// Counts a malformed message from Redis; logs one line per `LOG_EVERY` at most.
-    fn malformed(&mut self, what: &str, now: Instant) {
+    pub(crate) fn malformed(&mut self, what: &str, now: Instant) {
         self.malformed += 1;
         if self.malformed_logged.is_none_or(|at| now.duration_since(at) >= LOG_EVERY) {
             self.malformed_logged = Some(now);
@@ -522,7 +616,7 @@ const DOWN: &str = "TRYAGAIN the cluster's Redis is not reachable; nothing was p
 const LOST: &str = "TRYAGAIN the link to Redis was lost before it answered; the command may or may not have taken effect";
 
 impl Server {
-    fn cluster(&mut self) -> &mut Cluster {
+    pub(crate) fn cluster(&mut self) -> &mut Cluster {
         self.cluster.as_mut().expect("cluster mode")
     }
 
@@ -629,8 +723,17 @@ impl Server {
             }
             let key = c.sessions_key.clone();
             c.send(&[b"HGETALL", key.as_bytes()], Waiting::Sessions, now);
+            let joins = c.joins_key.clone();
+            c.send(&[b"HGETALL", joins.as_bytes()], Waiting::Joins, now);
+            // The epoch tells a Redis that kept its data from one that restarted empty.
+            let epoch = format!("{}:epoch", c.cfg.prefix);
+            let fresh = format!("{:016x}", c.rng ^ (crate::time::unix_now() << 20));
+            c.send(&[b"SET", epoch.as_bytes(), fresh.as_bytes(), b"NX"], Waiting::Setup, now);
+            c.send(&[b"GET", epoch.as_bytes()], Waiting::Epoch, now);
+            c.up_since = Some(now);
             let ctl = c.ctl.clone();
-            command(&mut c.sub.out, &[b"SUBSCRIBE", ctl.as_bytes()]);
+            let events = c.presence.events_channel(&c.cfg.prefix);
+            command(&mut c.sub.out, &[b"SUBSCRIBE", ctl.as_bytes(), events.as_bytes()]);
             for f in c.follows.values_mut() {
                 f.state = State::Subscribing;
             }
@@ -655,6 +758,8 @@ impl Server {
             *link = Link::default();
         }
         c.up = false;
+        c.up_since = None;
+        c.presence.link_lost();
         c.connecting = None;
         let wait = c.backoff();
         c.failures = c.failures.saturating_add(1);
@@ -670,9 +775,11 @@ impl Server {
         let waiting = std::mem::take(&mut c.waiting);
         for (_, w) in waiting {
             match w {
-                Waiting::Publish(a) | Waiting::Session(a, _) | Waiting::Delete(a, _) | Waiting::Info(a, _) => self.cluster_fail(a, LOST),
+                Waiting::Publish(a) | Waiting::Session(a, _) | Waiting::Delete(a, _) | Waiting::Info(a, _) | Waiting::Join(a, ..) | Waiting::Query(a, _) => {
+                    self.cluster_fail(a, LOST)
+                }
                 Waiting::Ready(a, bytes) => self.cluster_answer(a, Deferred::Resp(bytes)),
-                Waiting::Setup | Waiting::Sessions | Waiting::Fetch(_) => {}
+                Waiting::Setup | Waiting::Sessions | Waiting::Joins | Waiting::Fetch(_) | Waiting::Epoch | Waiting::Share | Waiting::Tick => {}
             }
         }
     }
@@ -696,6 +803,7 @@ impl Server {
         }
         c.next_tick = now + Duration::from_secs(1);
         self.cluster_unfollow_idle();
+        self.cluster_presence_tick();
     }
 
     /// Stops following channels nothing waited on for `LINGER`: unsubscribes and forgets their
@@ -805,7 +913,7 @@ impl Server {
     // ---- requests that go to Redis ----
 
     /// Whether a request must wait for the link: answers it with the error when the link is down.
-    fn cluster_refuse_if_down(&mut self, a: Asker) -> bool {
+    pub(crate) fn cluster_refuse_if_down(&mut self, a: Asker) -> bool {
         if self.cluster.as_ref().is_some_and(|c| c.up) {
             if let Some(c) = self.conns.get_mut(a.token) {
                 c.redis_wait += 1;
@@ -823,17 +931,17 @@ impl Server {
             return;
         }
         let (buffer_length, ttl) = (self.cfg.channels.buffer_length.to_string(), self.cfg.channels.message_ttl_secs.to_string());
+        // Sessions joined to the channel get their copy in the same script call.
+        let copies: Vec<String> = self.hub.joined_to(channel).iter().map(|sid| format!("{}{sid}", hub::SESSION_PREFIX)).collect();
         let now = self.now;
         let c = self.cluster();
-        let (kb, ki) = c.keys(channel);
-        let chan = format!("{}{channel}", c.msg_prefix);
+        let prefix = c.cfg.prefix.clone();
         let sha = c.shas[PUBLISH].clone();
         c.publishes += 1;
-        c.send(
-            &[b"EVALSHA", sha.as_bytes(), b"2", kb.as_bytes(), ki.as_bytes(), chan.as_bytes(), channel.as_bytes(), content_type.as_bytes(), body, buffer_length.as_bytes(), ttl.as_bytes()],
-            Waiting::Publish(a),
-            now,
-        );
+        let mut args: Vec<&[u8]> =
+            vec![b"EVALSHA", sha.as_bytes(), b"0", prefix.as_bytes(), content_type.as_bytes(), body, buffer_length.as_bytes(), ttl.as_bytes(), channel.as_bytes()];
+        args.extend(copies.iter().map(|c| c.as_bytes()));
+        c.send(&args, Waiting::Publish(a), now);
     }
 
     /// `SESSION.OPEN` in a cluster.
@@ -855,8 +963,26 @@ impl Server {
         }
         let now = self.now;
         let c = self.cluster();
-        let (key, ctl, sha) = (c.sessions_key.clone(), c.ctl.clone(), c.shas[SESSION].clone());
-        c.send(&[b"EVALSHA", sha.as_bytes(), b"2", key.as_bytes(), ctl.as_bytes(), verb, sid.as_bytes(), value, msg], Waiting::Session(a, op), now);
+        let (key, ctl, joins, sha) = (c.sessions_key.clone(), c.ctl.clone(), c.joins_key.clone(), c.shas[SESSION].clone());
+        c.send(&[b"EVALSHA", sha.as_bytes(), b"3", key.as_bytes(), ctl.as_bytes(), joins.as_bytes(), verb, sid.as_bytes(), value, msg], Waiting::Session(a, op), now);
+    }
+
+    /// `JOIN` / `LEAVE` in a cluster: kept in Redis (a node that starts later reads them) and
+    /// applied on every node, so the publishing node copies the message to the session.
+    pub(crate) fn cluster_join(&mut self, a: Asker, join: bool, sid: &str, channel: &str) {
+        if self.cluster_refuse_if_down(a) {
+            return;
+        }
+        let now = self.now;
+        let c = self.cluster();
+        let (key, joins, ctl, sha) = (c.sessions_key.clone(), c.joins_key.clone(), c.ctl.clone(), c.shas[JOIN].clone());
+        let msg = if join { Ctl::Join(sid, channel) } else { Ctl::Leave(sid, channel) }.encode();
+        let verb: &[u8] = if join { b"join" } else { b"leave" };
+        c.send(
+            &[b"EVALSHA", sha.as_bytes(), b"3", key.as_bytes(), joins.as_bytes(), ctl.as_bytes(), verb, sid.as_bytes(), channel.as_bytes(), &msg],
+            Waiting::Join(a, join, sid.into(), channel.into()),
+            now,
+        );
     }
 
     /// `DELETE /pub?id=` in a cluster.
@@ -901,7 +1027,7 @@ impl Server {
     // ---- replies ----
 
     /// Answers `a` with a reply; the connection reads on once nothing of it waits for Redis.
-    fn cluster_answer(&mut self, a: Asker, reply: Deferred) {
+    pub(crate) fn cluster_answer(&mut self, a: Asker, reply: Deferred) {
         let Some(c) = self.conns.get_mut(a.token) else { return };
         if c.id != a.conn || c.dead {
             return;
@@ -920,7 +1046,7 @@ impl Server {
     }
 
     /// Answers `a` with an error: RESP `-<why>`, HTTP 503.
-    fn cluster_fail(&mut self, a: Asker, why: &str) {
+    pub(crate) fn cluster_fail(&mut self, a: Asker, why: &str) {
         let reply = match a.http {
             None => {
                 let mut o = Vec::new();
@@ -949,9 +1075,12 @@ impl Server {
                 Ok(None) => return,
                 Err(e) => return self.cluster_down(&format!("unreadable reply: {}", e.message())),
             };
-            let Some((_, w)) = c.waiting.pop_front() else {
+            let Some((sent, w)) = c.waiting.pop_front() else {
                 return self.cluster_down("a reply to no command");
             };
+            if matches!(w, Waiting::Tick) {
+                c.presence.rtt = Some(self.now.saturating_duration_since(sent));
+            }
             if let Value::Error(e) = &value {
                 if e.starts_with(b"NOSCRIPT") {
                     // The scripts were flushed from Redis: reconnecting loads them again.
@@ -982,6 +1111,34 @@ impl Server {
                 }
             }
             Waiting::Sessions => self.cluster_sessions(v),
+            Waiting::Joins => self.cluster_joins(v),
+            Waiting::Epoch => self.cluster_epoch(v),
+            Waiting::Share => {
+                if let Some(e) = err(&v) {
+                    crate::warn!("cluster: Redis refused this node's presence share: {e}");
+                }
+            }
+            Waiting::Tick => self.cluster_ticked(v),
+            Waiting::Query(a, q) => match err(&v) {
+                Some(e) => self.cluster_fail(a, &format!("ERR Redis: {e}")),
+                None => self.cluster_queried(a, q, v),
+            },
+            Waiting::Join(a, join, sid, channel) => {
+                if let Some(e) = err(&v) {
+                    return self.cluster_fail(a, &format!("ERR Redis: {e}"));
+                }
+                let mut o = Vec::new();
+                match v {
+                    Value::Int(-1) => resp::error(&mut o, "ERR no such session: open it with SESSION.OPEN first"),
+                    Value::Int(n) => {
+                        // Done here at once; the ctl message does it again, changing nothing.
+                        let _ = self.joined(join, &sid, &channel);
+                        resp::integer(&mut o, n);
+                    }
+                    _ => resp::error(&mut o, "ERR Redis answered the join script with something else"),
+                }
+                self.cluster_answer(a, Deferred::Resp(o));
+            }
             Waiting::Fetch(name) => self.cluster_fetched(&name, v),
             Waiting::Ready(a, bytes) => self.cluster_answer(a, Deferred::Resp(bytes)),
             Waiting::Publish(a) => {
@@ -1199,6 +1356,15 @@ impl Server {
             let Ok(chan) = std::str::from_utf8(chan) else { continue };
             let cap = self.cfg.channels.buffer_length + 1;
             let c = self.cluster();
+            if c.presence.is_events_channel(chan, &c.cfg.prefix) {
+                if kind == b"message" {
+                    if let Some(b) = items[2].bytes() {
+                        let b = b.to_vec();
+                        self.to_backends(crate::server::PRESENCE_CHANNEL, &b);
+                    }
+                }
+                continue;
+            }
             if chan == c.ctl {
                 if kind == b"message" {
                     if let Some(b) = items[2].bytes() {
@@ -1268,6 +1434,30 @@ impl Server {
             Ctl::Delete(ch) => {
                 self.channel_deleted(ch);
             }
+            Ctl::Join(sid, ch) => {
+                let _ = self.joined(true, sid, ch);
+            }
+            Ctl::Leave(sid, ch) => {
+                let _ = self.joined(false, sid, ch);
+            }
+        }
+    }
+
+    /// The joins hash on connect: every join of a session this node knows.
+    fn cluster_joins(&mut self, v: Value) {
+        let Value::Array(items) = v else {
+            return self.cluster_down("Redis answered HGETALL with something else");
+        };
+        let max = self.cfg.limits.max_channel_id_bytes;
+        for pair in items.chunks(2) {
+            let [sid, list] = pair else { continue };
+            let (Some(sid), Some(list)) = (sid.bytes(), list.bytes()) else { continue };
+            let (Ok(sid), Ok(list)) = (std::str::from_utf8(sid), std::str::from_utf8(list)) else { continue };
+            for ch in list.split('\n').filter(|c| hub::valid_channel(c, max) && !c.starts_with(hub::SESSION_PREFIX)) {
+                if self.hub.session(sid).is_some_and(|s| !s.joined.contains(ch)) {
+                    let _ = self.joined(true, sid, ch);
+                }
+            }
         }
     }
 }
@@ -1315,11 +1505,11 @@ mod tests {
 
     #[test]
     fn ctl_messages_round_trip_and_foreign_ones_are_refused() {
-        for ctl in [Ctl::Open("s1", None), Ctl::Open("s1", Some("42")), Ctl::Open("s1", Some("")), Ctl::Open("s,2", Some("a b\nc")), Ctl::Close("s"), Ctl::Kick("s"), Ctl::Delete("goods")] {
+        for ctl in [Ctl::Open("s1", None), Ctl::Open("s1", Some("42")), Ctl::Open("s1", Some("")), Ctl::Open("s,2", Some("a b\nc")), Ctl::Close("s"), Ctl::Kick("s"), Ctl::Delete("goods"), Ctl::Join("s", "goods"), Ctl::Leave("s", "goods")] {
             let b = ctl.encode();
             assert_eq!(Ctl::parse(&b, 64), Some(ctl));
         }
-        for bad in [&b""[..], b"open", b"open\n", b"open\nbad sid", b"close\na b", b"delete\n@me", b"frobnicate\nx", b"\xff\nx", b"kick\n"] {
+        for bad in [&b""[..], b"open", b"open\n", b"open\nbad sid", b"close\na b", b"delete\n@me", b"frobnicate\nx", b"\xff\nx", b"kick\n", b"join\ns", b"join\ns\nsession:x", b"leave\ns\nbad ch", b"join\nbad sid\nc"] {
             assert_eq!(Ctl::parse(bad, 64), None, "{bad:?}");
         }
     }

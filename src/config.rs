@@ -139,6 +139,8 @@ pub struct Browser {
     pub first_message: FirstMessage,
     /// Keep-alive interval of EventSource and WebSocket streams (a comment, a Ping); None: off.
     pub stream_ping: Option<Duration>,
+    /// Listen with SO_REUSEPORT, so several nodes on one host can share the ports.
+    pub reuse_port: bool,
 }
 
 /// What a poll without a cursor gets.
@@ -316,6 +318,7 @@ struct RawBrowser {
     allowed_origins: Vec<String>,
     first_message: String,
     stream_ping_secs: u64,
+    reuse_port: bool,
 }
 
 impl Default for RawBrowser {
@@ -327,6 +330,7 @@ impl Default for RawBrowser {
             allowed_origins: Vec::new(),
             first_message: "oldest".into(),
             stream_ping_secs: 15,
+            reuse_port: false,
         }
     }
 }
@@ -469,6 +473,7 @@ impl Config {
                 0 => None,
                 n => Some(Duration::from_secs(n)),
             },
+            reuse_port: b.reuse_port,
         };
         for (name, secret) in &raw.control.tokens {
             if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
@@ -536,6 +541,14 @@ impl Config {
         let cluster = Config::validate_cluster(raw.cluster, browser.listen.port())?;
         if cluster.is_some() && store.is_some() {
             return err("store.path", "cannot be set with [cluster]: in a cluster Redis keeps the channel buffers");
+        }
+        let mut presence = presence;
+        if let Some(c) = &cluster {
+            // Each node writes its own presence rows and, finding another dead, deletes that
+            // node's: the daemon column must name the node.
+            if presence.instance == "comet" {
+                presence.instance = c.node.clone();
+            }
         }
         Ok(Config {
             store,

@@ -26,6 +26,8 @@ enum Reply {
     EmptyArray,
     /// An already encoded reply (arrays, several pub/sub confirmations).
     Raw(Vec<u8>),
+    /// None now: the cluster's Redis answers.
+    Pending,
 }
 
 /// An array of bulk strings.
@@ -125,7 +127,7 @@ impl Server {
         let name = || String::from_utf8_lossy(&args[0]).into_owned();
         let argc = args.len();
         let clustered = self.cluster.is_some();
-        if self.conns[t].redis_wait > 0 && !matches!(upper, "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "KICK") {
+        if self.conns[t].redis_wait > 0 && !matches!(upper, "PUBLISH" | "SESSION.OPEN" | "SESSION.CLOSE" | "KICK" | "JOIN" | "LEAVE" | "ONLINE" | "PRESENCE" | "PUBSUB") {
             // Commands that go to Redis may follow one another (Redis answers in order); any
             // other command waits, so that its reply cannot overtake theirs.
             return false;
@@ -221,13 +223,18 @@ impl Server {
                 "AUTH.FLUSH" if argc <= 3 => self.auth_flush(&args[1..]),
                 "SUBSCRIBE" if argc >= 2 => self.subscribe(t, &args[1..]),
                 "UNSUBSCRIBE" => self.unsubscribe(t, &args[1..]),
+                "ONLINE" if argc == 2 && !args[1].eq_ignore_ascii_case(b"COUNT") => Reply::Error("ERR syntax: ONLINE [COUNT]".into()),
+                "ONLINE" if argc <= 2 && clustered => self.query_cluster(asker, upper, &args[1..]),
+                "PRESENCE" if argc == 2 && clustered => self.query_cluster(asker, upper, &args[1..]),
+                "PUBSUB" if argc >= 2 && clustered => self.query_cluster(asker, upper, &args[1..]),
                 "ONLINE" if argc == 1 => sessions(&self.presence.online()),
-                "ONLINE" if argc == 2 && args[1].eq_ignore_ascii_case(b"COUNT") => Reply::Int(self.presence.online_count() as i64),
-                "ONLINE" if argc == 2 => Reply::Error("ERR syntax: ONLINE [COUNT]".into()),
+                "ONLINE" if argc == 2 => Reply::Int(self.presence.online_count() as i64),
                 "PRESENCE" if argc == 2 => sessions(&self.presence.on_channel(&String::from_utf8_lossy(&args[1]))),
                 "PUBSUB" if argc >= 2 => self.pubsub(&args[1..]),
-                "JOIN" | "LEAVE" if argc == 3 && clustered => Reply::Error("ERR JOIN and LEAVE are node-local and not available with [cluster] in this build".into()),
-                "JOIN" | "LEAVE" if argc == 3 => self.join_leave(upper == "JOIN", &args[1], &args[2]),
+                "JOIN" | "LEAVE" if argc == 3 => match self.join_leave(asker, upper == "JOIN", &args[1], &args[2]) {
+                    Some(r) => r,
+                    None => return true,
+                },
                 "KICK" if argc == 2 => match std::str::from_utf8(&args[1]) {
                     Ok(sid) if hub::valid_session(sid) => {
                         if clustered {
@@ -244,6 +251,9 @@ impl Server {
                 _ => Reply::Error(format!("ERR unknown command '{}'", name().replace(['\r', '\n'], " "))),
             }
         };
+        if matches!(reply, Reply::Pending) {
+            return true;
+        }
         let encode = |o: &mut Vec<u8>| match reply {
             Reply::Simple(s) => resp::simple(o, s),
             Reply::Error(e) => resp::error(o, &e),
@@ -252,6 +262,7 @@ impl Server {
             Reply::Null => resp::null_bulk(o),
             Reply::EmptyArray => resp::array_len(o, 0),
             Reply::Raw(b) => o.extend_from_slice(&b),
+            Reply::Pending => {}
         };
         let Some(c) = self.conns.get_mut(t) else { return true };
         if c.redis_wait > 0 {
@@ -263,6 +274,15 @@ impl Server {
             c.out.append(encode);
         }
         true
+    }
+
+    /// Asks the whole cluster (`ONLINE`, `PRESENCE`, `PUBSUB`); the reply comes from Redis, or
+    /// is an error now (a bad subcommand, the link down).
+    fn query_cluster(&mut self, asker: crate::cluster::Asker, cmd: &str, args: &[&[u8]]) -> Reply {
+        match self.cluster_query(asker, cmd, args) {
+            Some(e) => Reply::Error(e),
+            None => Reply::Pending,
+        }
     }
 
     /// A session opened (here, or on another node of the cluster).
@@ -340,8 +360,9 @@ impl Server {
             if subs.insert(name.as_str().into()) {
                 self.backend_subs.entry(name.as_str().into()).or_default().insert(t);
                 // In a cluster the node follows the channel, so messages published on any node
-                // reach this backend.
+                // reach this backend, and NUMSUB counts it.
                 self.cluster_follow(&name);
+                self.cluster_presence_dirty(&name);
             }
             resp::array_len(&mut o, 3);
             resp::bulk(&mut o, b"subscribe");
@@ -366,6 +387,7 @@ impl Server {
             resp::integer(&mut o, 0);
         }
         for name in names {
+            self.cluster_presence_dirty(&name);
             self.conns[t].backend().subs.remove(&name);
             if let Some(set) = self.backend_subs.get_mut(&name) {
                 set.remove(&t);
@@ -413,34 +435,44 @@ impl Server {
 
     /// `JOIN sid channel` / `LEAVE sid channel`: attach a visitor to a shared channel from the
     /// server side (its messages then reach the session's private stream) or detach it.
-    fn join_leave(&mut self, join: bool, sid: &[u8], channel: &[u8]) -> Reply {
+    /// None when the reply comes from the cluster's Redis.
+    fn join_leave(&mut self, asker: crate::cluster::Asker, join: bool, sid: &[u8], channel: &[u8]) -> Option<Reply> {
         let (Ok(sid), Ok(channel)) = (std::str::from_utf8(sid), std::str::from_utf8(channel)) else {
-            return Reply::Error("ERR invalid session or channel id".into());
+            return Some(Reply::Error("ERR invalid session or channel id".into()));
         };
         if !hub::valid_session(sid) {
-            return Reply::Error("ERR invalid session id".into());
+            return Some(Reply::Error("ERR invalid session id".into()));
         }
         if !hub::valid_channel(channel, self.cfg.limits.max_channel_id_bytes) || channel.starts_with(hub::SESSION_PREFIX) {
-            return Reply::Error("ERR invalid channel id".into());
+            return Some(Reply::Error("ERR invalid channel id".into()));
         }
+        if self.cluster.is_some() {
+            self.cluster_join(asker, join, sid, channel);
+            return None;
+        }
+        Some(match self.joined(join, sid, channel) {
+            Err(()) => Reply::Error("ERR no such session: open it with SESSION.OPEN first".into()),
+            Ok(changed) => Reply::Int(changed as i64),
+        })
+    }
+
+    /// Joins a session to a channel or takes it off (here, or on every node of a cluster).
+    /// Ok(whether it changed); Err when joining a session that is not open.
+    pub(crate) fn joined(&mut self, join: bool, sid: &str, channel: &str) -> Result<bool, ()> {
         if join {
-            match self.hub.join(sid, channel) {
-                Err(()) => Reply::Error("ERR no such session: open it with SESSION.OPEN first".into()),
-                Ok(added) => {
-                    self.presence.join(sid, channel, &mut self.events);
-                    if added {
-                        self.store_join(true, sid, channel);
-                    }
-                    Reply::Int(added as i64)
-                }
+            let added = self.hub.join(sid, channel)?;
+            self.presence.join(sid, channel, &mut self.events);
+            if added {
+                self.store_join(true, sid, channel);
             }
+            Ok(added)
         } else {
             let removed = self.hub.leave(sid, channel);
             self.presence.leave(sid, channel, &mut self.events);
             if removed {
                 self.store_join(false, sid, channel);
             }
-            Reply::Int(removed as i64)
+            Ok(removed)
         }
     }
 

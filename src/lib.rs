@@ -17,6 +17,7 @@
 //! ws.rs        WebSocket handshake key and frames, the client's frames checked (pure)
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
 //! cluster.rs   several nodes as one through Redis: the loop's own link, publish script, follows
+//! cluster_presence.rs  who is online across the nodes: each node's share, counted in Redis
 //! guard.rs     failed-token counting per address: penalties, rate-limited log lines
 //! admin.rs     the push module's publisher endpoint, /status, /metrics, the admin page
 //! metrics.rs   Prometheus text, status JSON, the admin page's live snapshot
@@ -38,6 +39,7 @@ pub mod admin;
 pub mod auth;
 pub mod browser;
 pub mod cluster;
+pub mod cluster_presence;
 pub mod config;
 pub mod conn;
 pub mod control;

@@ -60,19 +60,32 @@ impl Server {
             self.held_polls(),
             self.open_streams[0],
             self.open_streams[1],
-            self.presence.online_count(),
+            self.cluster.as_ref().map_or(self.presence.online_count() as i64, |c| c.presence.online),
             self.hub.channel_count(),
             self.hub.stats.published,
             self.hub.stats.delivered,
         );
-        for (i, (sid, user)) in self.presence.online_sample(ADMIN_LIST_CAP).iter().enumerate() {
+        // In a cluster the list is the cluster's (a sample the heartbeat brings each second).
+        let online = match &self.cluster {
+            Some(c) => c.presence.sample.iter().take(ADMIN_LIST_CAP).cloned().collect(),
+            None => self.presence.online_sample(ADMIN_LIST_CAP),
+        };
+        for (i, (sid, user)) in online.iter().enumerate() {
             let _ = write!(o, "{}{{\"sid\":{},\"user\":{}}}", if i > 0 { "," } else { "" }, json_str(sid), json_str(user.as_deref().unwrap_or("")));
         }
         o.push_str("],\"channels\":[");
         for (i, (name, n)) in self.presence.channels_sample(ADMIN_LIST_CAP).iter().enumerate() {
             let _ = write!(o, "{}{{\"name\":{},\"subscribers\":{n}}}", if i > 0 { "," } else { "" }, json_str(name));
         }
-        o.push_str("]}\n");
+        o.push(']');
+        if let Some(c) = &self.cluster {
+            let _ = write!(o, ",\"cluster\":{{\"node\":{},\"link\":{},\"nodes\":[", json_str(&c.cfg.node), json_str(c.link_state()));
+            for (i, n) in c.presence.alive.iter().enumerate() {
+                let _ = write!(o, "{}{}", if i > 0 { "," } else { "" }, json_str(n));
+            }
+            o.push_str("]}");
+        }
+        o.push_str("}\n");
         o
     }
 
@@ -123,6 +136,16 @@ impl Server {
         metric("auth_db_queries_total", "counter", "SQL queries run by access checks.", &[("", crate::auth::DB_QUERIES.load(Ordering::Relaxed) as f64)]);
         metric("auth_http_requests_total", "counter", "Auth callback requests sent.", &[("", crate::auth::HTTP_REQUESTS.load(Ordering::Relaxed) as f64)]);
         metric("worker_queue_depth", "gauge", "Jobs waiting for a worker.", &[("", self.pool.queued() as f64)]);
+        if let Some(c) = &self.cluster {
+            metric("cluster_link_up", "gauge", "1 while the link to the cluster's Redis is up.", &[("", u8::from(c.is_up()) as f64)]);
+            metric("cluster_reconnects_total", "counter", "Times the link to Redis came back after it was lost.", &[("", c.reconnects as f64)]);
+            metric("cluster_rtt_seconds", "gauge", "Round trip of the last heartbeat to Redis.", &[("", c.presence.rtt.map_or(0.0, |d| d.as_secs_f64()))]);
+            metric("cluster_nodes", "gauge", "Nodes alive in the cluster, as Redis last said.", &[("", c.presence.alive.len() as f64)]);
+            metric("cluster_sessions_online", "gauge", "Sessions online in the whole cluster.", &[("", c.presence.online as f64)]);
+            metric("cluster_channels_followed", "gauge", "Channels this node is subscribed to in Redis.", &[("", c.followed() as f64)]);
+            metric("cluster_commands_total", "counter", "Commands sent to Redis.", &[("", c.commands as f64)]);
+            metric("cluster_malformed_total", "counter", "Messages from Redis skipped as malformed.", &[("", c.malformed as f64)]);
+        }
         let _ = writeln!(o, "# HELP comet_auth_check_seconds Time from a poll's arrival to its worker access check's answer.\n# TYPE comet_auth_check_seconds histogram");
         for (i, b) in AUTH_BUCKETS.iter().enumerate() {
             let _ = writeln!(o, "comet_auth_check_seconds_bucket{{le=\"{b}\"}} {}", k.auth_latency[i]);

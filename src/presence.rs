@@ -100,6 +100,9 @@ pub struct Presence {
     /// Sessions online.
     online: usize,
     last_stamp: u64,
+    /// Channels whose anonymous polls changed since the cluster last took them; None when no
+    /// one asks (a single node).
+    pub anon_changed: Option<HashSet<Box<str>>>,
 }
 
 /// Whether a channel is a session's private channel or an internal one (`@admin`): not a place
@@ -119,6 +122,7 @@ impl Presence {
             timers: VecDeque::new(),
             online: 0,
             last_stamp: 0,
+            anon_changed: None,
         }
     }
 
@@ -165,6 +169,11 @@ impl Presence {
     pub fn poll_started(&mut self, sid: &str, user: Option<&str>, channel: &str, hold: u64, token: usize, out: &mut Vec<Event>) {
         if sid.is_empty() {
             if !private(channel) {
+                if let Some(set) = self.anon_changed.as_mut() {
+                    if !set.contains(channel) {
+                        set.insert(channel.into());
+                    }
+                }
                 // Look up before inserting: `entry` would allocate the key on every poll.
                 match self.anon.get_mut(channel) {
                     Some(n) => *n += 1,
@@ -202,6 +211,11 @@ impl Presence {
     /// A poll ended (answered, timed out, or its connection closed). Nothing changes until grace.
     pub fn poll_ended(&mut self, sid: &str, channel: &str, hold: u64, now: Instant) {
         if sid.is_empty() {
+            if let Some(set) = self.anon_changed.as_mut() {
+                if !private(channel) && !set.contains(channel) {
+                    set.insert(channel.into());
+                }
+            }
             if let Some(n) = self.anon.get_mut(channel) {
                 *n -= 1;
                 if *n == 0 {
@@ -362,6 +376,16 @@ impl Presence {
     /// Browsers on a channel: sessions on it and anonymous held polls.
     pub fn numsub(&self, channel: &str) -> usize {
         self.members.get(channel).map_or(0, HashSet::len) + self.anon.get(channel).copied().unwrap_or(0) as usize
+    }
+
+    /// Anonymous held polls on a channel.
+    pub fn anonymous(&self, channel: &str) -> usize {
+        self.anon.get(channel).copied().unwrap_or(0) as usize
+    }
+
+    /// Channels with anonymous held polls.
+    pub fn anonymous_channels(&self) -> Vec<String> {
+        self.anon.keys().map(|c| c.to_string()).collect()
     }
 
     /// Channels with at least one browser, sorted.

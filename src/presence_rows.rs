@@ -80,6 +80,8 @@ use crate::warn;
 
 /// The ticket token of presence-row batches (no connection has it).
 pub const TICKET: usize = usize::MAX;
+/// The ticket token of removing another node's rows (its answer is not waited for).
+pub const FORGET: usize = usize::MAX - 2;
 
 impl Server {
     /// A batch of rows was written, or failed.
@@ -101,6 +103,30 @@ impl Server {
         }
         self.rows_batch.extend(events);
         self.submit_rows();
+    }
+
+    /// Deletes the rows of another cluster node, found dead (its `daemon` column is its name).
+    pub(crate) fn forget_instance_rows(&mut self, instance: &str) {
+        let Some(path) = self.cfg.presence.database.clone() else { return };
+        let (table, node) = (self.cfg.presence.table.clone(), instance.to_string());
+        let instance = node.clone();
+        let task: worker::Task = Box::new(move |res| {
+            if res.presence_db.is_none() {
+                match crate::presence_rows::open(&path) {
+                    Ok(c) => res.presence_db = Some(c),
+                    Err(e) => return Outcome::Rows(Err(e.to_string())),
+                }
+            }
+            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
+            let r = db.execute(&format!("DELETE FROM {table} WHERE daemon = ?1"), params![instance]);
+            if let Err(e) = &r {
+                crate::error!("presence rows of node {instance} not deleted: {e}");
+            }
+            Outcome::Rows(r.map(|_| ()).map_err(|e| e.to_string()))
+        });
+        if self.pool.submit(Ticket { token: FORGET, stamp: 0 }, task).is_err() {
+            warn!("worker queue full: the rows of node {node} stay until it starts again");
+        }
     }
 
     pub(crate) fn submit_rows(&mut self) {

@@ -2,6 +2,7 @@
 //! test starts its own redis-server on a free loopback port and three comet nodes with
 //! `[cluster]`, and talks to them with raw HTTP and RESP, redis-cli and PHP's phpredis.
 
+use super::presence::{eventually, Events};
 use super::{after, assert_text_message, hold, require_tool};
 use crate::common::*;
 use std::net::TcpListener;
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 struct Redis {
     child: Option<Child>,
     port: u16,
+    dir: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -22,15 +24,31 @@ fn free_port() -> u16 {
 impl Redis {
     fn start() -> Redis {
         require_tool("redis-server", &["--version"], "install redis-server");
-        let mut r = Redis { child: None, port: free_port() };
+        let mut r = Redis { child: None, port: free_port(), dir: None };
         r.restart();
         r
     }
 
+    /// One that saves its data in `dir` (`SAVE`), loaded again on restart.
+    fn start_in(dir: &std::path::Path) -> Redis {
+        let mut r = Redis { child: None, port: free_port(), dir: Some(dir.to_path_buf()) };
+        r.restart();
+        r
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
     /// (Re)starts it on its port, empty, and waits until it answers.
     fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--enable-debug-command", "local"]);
+        if let Some(d) = &self.dir {
+            c.arg("--dir").arg(d);
+        }
+        let child = c
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -528,4 +546,270 @@ fn streams_on_one_node_get_publishes_from_another() {
         seen.extend_from_slice(&buf[..n]);
     }
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+}
+
+// ---- who is online across the cluster, control from any node (docs/protocol.md, "Cluster") ----
+
+fn presence_nodes(redis: &Redis, n: usize, grace: u64) -> Vec<Daemon> {
+    nodes(redis, n, |c| c.set("presence", "grace_secs", &grace.to_string()).set("browser", "poll_timeout_secs", "30"))
+}
+
+fn online(d: &Daemon) -> String {
+    d.backend().cmd(&["ONLINE"]).to_string()
+}
+
+#[test]
+fn sessions_on_different_nodes_are_listed_together_on_a_third() {
+    let redis = Redis::start();
+    let ns = presence_nodes(&redis, 3, 15);
+    ns[0].backend().cmd(&["SESSION.OPEN", "sa", "alice"]);
+    ns[1].backend().cmd(&["SESSION.OPEN", "sb", "bob"]);
+    thread::sleep(ms(100));
+    let _a = hold(&ns[0], "/sub/room", &[("Cookie", "PHPSESSID=sa")]);
+    let _b = hold(&ns[1], "/sub/room", &[("Cookie", "PHPSESSID=sb")]);
+    let _anon = hold(&ns[1], "/sub/room", &[]);
+    let _other = hold(&ns[0], "/sub/hall", &[]);
+    eventually("ONLINE on node 2 lists both", Duration::from_secs(5), || {
+        let got = online(&ns[2]);
+        (got == "*4[$sa, $alice, $sb, $bob]").then_some(()).ok_or(got)
+    });
+    let mut b = ns[2].backend();
+    assert_eq!(b.cmd(&["ONLINE", "COUNT"]).to_string(), ":2");
+    assert_eq!(b.cmd(&["PRESENCE", "room"]).to_string(), "*4[$sa, $alice, $sb, $bob]");
+    assert_eq!(b.cmd(&["PRESENCE", "nowhere"]).to_string(), "*0");
+    assert_eq!(b.cmd(&["PUBSUB", "NUMSUB", "room", "hall", "nowhere"]).to_string(), "*6[$room, :3, $hall, :1, $nowhere, :0]");
+    assert_eq!(b.cmd(&["PUBSUB", "CHANNELS"]).to_string(), "*2[$hall, $room]");
+    assert_eq!(b.cmd(&["PUBSUB", "CHANNELS", "r*"]).to_string(), "*1[$room]");
+    assert_eq!(b.cmd(&["PUBSUB", "FROB"]).to_string(), "-ERR unknown subcommand or wrong number of arguments for 'pubsub|frob'");
+    let info = ns[2].info();
+    assert_eq!(info["cluster_nodes_alive"], "3");
+    assert_eq!(info["cluster_sessions_online"], "2");
+    assert!(!info["cluster_rtt_ms"].is_empty());
+    let m = ns[2].admin().request(&get("/metrics", &[("Authorization", &format!("Bearer {TOKEN}"))])).text();
+    assert!(m.contains("comet_cluster_nodes 3"), "{m}");
+    assert!(m.contains("comet_cluster_link_up 1"), "{m}");
+}
+
+#[test]
+fn alternating_polls_make_one_online_event_and_no_flap_and_one_offline_after_the_grace() {
+    let redis = Redis::start();
+    let ns = presence_nodes(&redis, 3, 2);
+    let events = Events::subscribe(&ns[2]);
+    thread::sleep(ms(100));
+    let cookie = [("Cookie", "PHPSESSID=roamer")];
+    // Each poll is answered by a publish, the next goes to the other node.
+    let mut hdrs: Vec<(String, String)> = Vec::new();
+    for i in 0..6 {
+        let d = &ns[i % 2];
+        let mut h: Vec<(&str, &str)> = hdrs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        h.push(cookie[0]);
+        let mut p = hold(d, "/sub/lobby", &h);
+        wait_live(d, 1);
+        publish_reply(&ns[2], "lobby", &format!("m{i}"));
+        let r = p.response();
+        assert_eq!(r.status, 200);
+        hdrs = after(&r).to_vec();
+        thread::sleep(ms(150));
+    }
+    events.expect(&["online roamer", "join roamer lobby"], Duration::from_secs(3));
+    events.expect_quiet(ms(500), "while the session keeps polling on either node");
+    // Gone from both: one leave and one offline, after the grace.
+    events.expect(&["leave roamer lobby", "offline roamer"], Duration::from_secs(5));
+    events.expect_quiet(ms(500), "nothing twice");
+}
+
+#[test]
+fn a_killed_nodes_sessions_go_offline_after_the_node_timeout_and_grace_once() {
+    let redis = Redis::start();
+    let ns = presence_nodes(&redis, 3, 1);
+    let events = Events::subscribe(&ns[0]);
+    ns[0].backend().cmd(&["SESSION.OPEN", "doomed", "7"]);
+    thread::sleep(ms(100));
+    let _p = hold(&ns[1], "/sub/room", &[("Cookie", "PHPSESSID=doomed")]);
+    events.expect(&["online doomed 7", "join doomed room"], Duration::from_secs(3));
+    // Also on a surviving node: it must stay online.
+    let _q = hold(&ns[2], "/sub/room", &[("Cookie", "PHPSESSID=kept")]);
+    events.expect(&["online kept", "join kept room"], Duration::from_secs(3));
+    // The node timeout counts from a node's link being up that long: wait for it.
+    thread::sleep(Duration::from_secs(6));
+    let killed = Instant::now();
+    assert!(Command::new("kill").args(["-KILL", &ns[1].pid().to_string()]).status().unwrap().success());
+    let mut b = ns[0].backend();
+    thread::sleep(Duration::from_secs(3));
+    assert_eq!(b.cmd(&["PRESENCE", "room"]).to_string(), "*4[$doomed, $7, $kept, $]", "still counted before the timeout");
+    let t = events.expect(&["leave doomed room", "offline doomed"], Duration::from_secs(8));
+    let took = t[1].duration_since(killed);
+    assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(9), "offline {took:?} after the kill (5 s + 1 s grace + a heartbeat)");
+    assert_eq!(b.cmd(&["PRESENCE", "room"]).to_string(), "*2[$kept, $]");
+    eventually("node 2's heartbeat sees two nodes", Duration::from_secs(3), || {
+        let n = ns[2].info()["cluster_nodes_alive"].clone();
+        (n == "2").then_some(()).ok_or(n)
+    });
+    events.expect_quiet(ms(1500), "one offline, from one node only");
+}
+
+#[test]
+fn join_kick_and_signed_keys_work_from_any_node() {
+    let redis = Redis::start();
+    let ns = nodes(&redis, 3, |c| c.set("auth", "key_secret", "\"0123456789abcdef0123\"").set("auth", "mode", "\"key\""));
+    let mut b0 = ns[0].backend();
+    assert_eq!(b0.cmd(&["SESSION.OPEN", "vis"]).to_string(), "+OK");
+    assert_eq!(b0.cmd(&["JOIN", "nobody", "goods"]).to_string(), "-ERR no such session: open it with SESSION.OPEN first");
+    assert_eq!(b0.cmd(&["JOIN", "vis", "goods"]).to_string(), ":1");
+    assert_eq!(b0.cmd(&["JOIN", "vis", "goods"]).to_string(), ":0");
+    thread::sleep(ms(100));
+    // Its private channel polled on node 1 gets what is published to goods on node 2.
+    let mut p = hold(&ns[1], "/sub/@me", &[("Cookie", "PHPSESSID=vis")]);
+    wait_live(&ns[1], 1);
+    publish_reply(&ns[2], "goods", "copied");
+    let r = p.response();
+    assert_text_message(&r, "copied");
+    assert_eq!(r.header("X-Comet-Channel"), Some("goods"));
+    // LEAVE on node 2: no more copies.
+    assert_eq!(ns[2].backend().cmd(&["LEAVE", "vis", "goods"]).to_string(), ":1");
+    thread::sleep(ms(100));
+    let c = after(&r);
+    let mut p = hold(&ns[1], "/sub/@me", &[("Cookie", "PHPSESSID=vis"), (&c[0].0, &c[0].1), (&c[1].0, &c[1].1)]);
+    publish_reply(&ns[0], "goods", "not-copied");
+    p.expect_nothing(ms(300));
+    // KICK on node 0 ends that poll on node 1.
+    ns[0].backend().cmd(&["KICK", "vis"]);
+    assert_eq!(p.response().status, 410);
+    // A key signed on node 2 opens the channel on node 0.
+    let q = match ns[2].backend().cmd(&["SIGN", "secret-room"]) {
+        Reply::Bulk(Some(b)) => String::from_utf8(b).unwrap(),
+        other => panic!("SIGN: {other}"),
+    };
+    publish_reply(&ns[1], "secret-room", "signed");
+    let r = ns[0].browser().request(&get(&format!("/sub/secret-room?{q}"), &[]));
+    assert_text_message(&r, "signed");
+    assert_eq!(ns[0].browser().request(&get("/sub/secret-room", &[])).status, 403);
+}
+
+#[test]
+fn the_presence_table_filled_by_three_nodes_matches_online() {
+    let redis = Redis::start();
+    let dir = Scratch::new();
+    let db = dir.path().join("app.db");
+    let ns = nodes(&redis, 3, |c| c.set("presence", "database", &format!("{:?}", db.display().to_string())).set("browser", "poll_timeout_secs", "30"));
+    let mut polls = Vec::new();
+    for i in 0..9 {
+        polls.push(hold(&ns[i % 3], "/sub/room", &[("Cookie", &format!("PHPSESSID=s{i}"))]));
+    }
+    // s0 also on a second node.
+    polls.push(hold(&ns[1], "/sub/hall", &[("Cookie", "PHPSESSID=s0")]));
+    let want: Vec<String> = (0..9).map(|i| format!("s{i}")).collect();
+    eventually("ONLINE has all nine", Duration::from_secs(5), || {
+        let got = online(&ns[0]);
+        (got.matches("$s").count() == 9).then_some(()).ok_or(got)
+    });
+    let rows = eventually("the rows have all nine", Duration::from_secs(5), || {
+        let c = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+        let mut st = c.prepare("SELECT DISTINCT session FROM comet_online WHERE channel = '' ORDER BY session").map_err(|e| e.to_string())?;
+        let rows: Vec<String> = st.query_map([], |r| r.get(0)).map_err(|e| e.to_string())?.map(Result::unwrap).collect();
+        (rows == want).then_some(rows.clone()).ok_or(format!("{rows:?}"))
+    });
+    assert_eq!(rows, want);
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let daemons: Vec<String> =
+        c.prepare("SELECT DISTINCT daemon FROM comet_online ORDER BY daemon").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+    assert_eq!(daemons, ["n0", "n1", "n2"], "each node's rows under its name");
+}
+
+#[test]
+fn redis_restarted_with_or_without_its_data_announces_no_one_offline_or_online_again() {
+    let dir = Scratch::new();
+    let mut redis = Redis::start_in(dir.path());
+    let ns = presence_nodes(&redis, 2, 15);
+    let events = Events::subscribe(&ns[1]);
+    ns[0].backend().cmd(&["SESSION.OPEN", "stay", "1"]);
+    thread::sleep(ms(100));
+    let _p = hold(&ns[0], "/sub/room", &[("Cookie", "PHPSESSID=stay")]);
+    let _q = hold(&ns[1], "/sub/room", &[("Cookie", "PHPSESSID=also")]);
+    events.expect(&["online stay 1", "join stay room", "online also", "join also room"], Duration::from_secs(3));
+    for keep in [true, false] {
+        if keep {
+            assert_eq!(redis.cli(&["SAVE"]), "OK");
+        } else {
+            let _ = std::fs::remove_file(dir.path().join("dump.rdb"));
+        }
+        redis.kill();
+        thread::sleep(ms(300));
+        redis.restart();
+        for d in &ns {
+            wait_linked(d);
+        }
+        // The subscriber's node resubscribed to the events channel too; give the shares time.
+        events.expect_quiet(Duration::from_secs(2), if keep { "Redis restarted with its data" } else { "Redis restarted empty" });
+        eventually("both still online", Duration::from_secs(3), || {
+            let got = online(&ns[1]);
+            (got == "*4[$also, $, $stay, $1]").then_some(()).ok_or(got)
+        });
+        assert_eq!(redis.cli(&["HGET", "comet:sessions", "stay"]), "=1", "the open session is kept");
+    }
+}
+
+#[test]
+fn a_stopped_or_slow_redis_delays_no_delivery_of_messages_already_on_the_node() {
+    let redis = Redis::start();
+    let ns = presence_nodes(&redis, 2, 15);
+    for i in 0..3 {
+        publish_reply(&ns[0], "held", &format!("m{i}"));
+    }
+    let first = ns[1].browser().request(&get("/sub/held", &[]));
+    assert_text_message(&first, "m0");
+    let c = after(&first);
+    let cursor = [(c[0].0.as_str(), c[0].1.as_str()), (c[1].0.as_str(), c[1].1.as_str())];
+    let events = Events::subscribe(&ns[1]);
+    let _p = hold(&ns[1], "/sub/held", &[("Cookie", "PHPSESSID=poller")]);
+    events.expect(&["online poller", "join poller held"], Duration::from_secs(3));
+    // A command that takes Redis 2 s, then Redis stopped outright for 2 s.
+    let port = redis.port.to_string();
+    let mut slow = Some(thread::spawn(move || Command::new("redis-cli").args(["-p", &port, "DEBUG", "SLEEP", "2"]).output().unwrap()));
+    thread::sleep(ms(200));
+    for what in ["slow", "stopped"] {
+        if what == "stopped" {
+            let out = slow.take().unwrap().join().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "DEBUG SLEEP ran: {}", String::from_utf8_lossy(&out.stderr));
+            redis.signal("-STOP");
+        }
+        let t = Instant::now();
+        let r = ns[1].browser().request(&get("/sub/held", &cursor));
+        assert_text_message(&r, "m1");
+        assert!(t.elapsed() < ms(500), "{what} Redis: answered from the node's buffer in {:?}", t.elapsed());
+        assert_eq!(ns[1].admin().request(&get("/status", &[("Authorization", &format!("Bearer {TOKEN}"))])).status, 200);
+    }
+    thread::sleep(Duration::from_secs(2));
+    redis.signal("-CONT");
+    // Back: publishing works again, and no one flapped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match publish_reply(&ns[0], "held", "m3") {
+            Reply::Integer(_) => break,
+            other => assert!(Instant::now() < deadline, "publish after SIGCONT: {other}"),
+        }
+        thread::sleep(ms(100));
+    }
+    events.expect_quiet(Duration::from_secs(1), "a short stop of Redis");
+}
+
+#[test]
+fn nodes_with_reuse_port_share_one_browser_port() {
+    let redis = Redis::start();
+    let port = free_port();
+    let ns = nodes(&redis, 2, |c| c.set("browser", "listen", &format!("\"127.0.0.1:{port}\"")).set("browser", "reuse_port", "true"));
+    assert!(ns.iter().all(|d| d.browser.port() == port));
+    // The kernel spreads connections over both.
+    for _ in 0..40 {
+        let r = Http::connect(ns[0].browser).request(&get("/comet.js", &[]));
+        assert_eq!(r.status, 200);
+    }
+    let counts: Vec<u64> = ns.iter().map(|d| d.info()["total_connections_received"].parse().unwrap()).collect();
+    assert!(counts.iter().all(|&n| n >= 5), "connections per node: {counts:?}");
+    // Without reuse_port another bind of the port fails with a clear error.
+    let (dir, path) = write_config(&Config::default().set("browser", "listen", &format!("\"127.0.0.1:{port}\"")).text());
+    let out = run_comet(&[std::ffi::OsStr::new("--config"), path.as_os_str()], Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("browser.listen: cannot listen"), "{}", String::from_utf8_lossy(&out.stderr));
 }

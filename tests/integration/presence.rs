@@ -71,7 +71,7 @@ fn pairs(list: &[(&str, &str)]) -> String {
 }
 
 /// Runs a command on a backend connection and returns the reply as a string.
-fn cmd(b: &mut Resp, args: &[&str]) -> String {
+pub(crate) fn cmd(b: &mut Resp, args: &[&str]) -> String {
     b.cmd(args).to_string()
 }
 
@@ -99,7 +99,7 @@ fn expect_no_frame(r: &mut Resp, d: Duration, what: &str) {
 }
 
 /// Waits (5 s at most) until `f` returns Ok; panics with its last Err otherwise.
-fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+pub(crate) fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
     let deadline = Instant::now() + limit;
     loop {
         match f() {
@@ -111,13 +111,13 @@ fn eventually<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, S
 }
 
 /// The `__presence__` events, each stamped with its arrival time by a reader thread.
-struct Events {
+pub(crate) struct Events {
     rx: Receiver<(Instant, String)>,
 }
 
 impl Events {
     /// A backend that sent `SUBSCRIBE __presence__` (confirmation checked).
-    fn subscribe(d: &Daemon) -> Events {
+    pub(crate) fn subscribe(d: &Daemon) -> Events {
         let mut r = d.backend();
         assert_eq!(cmd(&mut r, &["SUBSCRIBE", "__presence__"]), "*3[$subscribe, $__presence__, :1]");
         r.stream.set_read_timeout(None).unwrap();
@@ -142,7 +142,7 @@ impl Events {
         Events { rx }
     }
 
-    fn next(&self, timeout: Duration) -> Option<(Instant, String)> {
+    pub(crate) fn next(&self, timeout: Duration) -> Option<(Instant, String)> {
         match self.rx.recv_timeout(timeout) {
             Ok(e) => Some(e),
             Err(RecvTimeoutError::Timeout) => None,
@@ -151,7 +151,7 @@ impl Events {
     }
 
     /// Expects exactly `want`, in order, all within `within`; returns their arrival times.
-    fn expect(&self, want: &[&str], within: Duration) -> Vec<Instant> {
+    pub(crate) fn expect(&self, want: &[&str], within: Duration) -> Vec<Instant> {
         let deadline = Instant::now() + within;
         let mut got = Vec::new();
         let mut times = Vec::new();
@@ -170,7 +170,7 @@ impl Events {
     }
 
     /// Expects no event for `d`.
-    fn expect_quiet(&self, d: Duration, what: &str) {
+    pub(crate) fn expect_quiet(&self, d: Duration, what: &str) {
         if let Some((_, e)) = self.next(d) {
             panic!("{what}: expected no presence event, got {e:?}");
         }
