@@ -347,6 +347,29 @@ impl Hub {
             },
             _ => MsgId { time: now, tag: 0 },
         };
+        self.append(name, id, origin, content_type, body, now.saturating_add(self.ttl))
+    }
+
+    /// Buffers a message whose id was given elsewhere (a cluster's Redis), as `publish_from`
+    /// does with its own: None when the channel already has that id or a later one (a copy that
+    /// arrived twice, by subscription and by fetch) or when it is already older than the ttl.
+    /// Expiry runs from the id's own time, the same on every node.
+    pub fn publish_at(&mut self, name: &str, id: MsgId, origin: &str, content_type: &str, body: &[u8], now: u64) -> Option<(Arc<Message>, Waiters)> {
+        self.expire(now);
+        let at = id.time.saturating_add(self.ttl);
+        if at <= now || self.channels.get(name).is_some_and(|ch| ch.last_id.is_some_and(|l| l >= id)) {
+            return None;
+        }
+        Some(self.append(name, id, origin, content_type, body, at))
+    }
+
+    /// Appends message `id` to channel `name` (made if needed), to expire at `at`; returns it
+    /// with the waiters to answer (each now removed from the channel).
+    fn append(&mut self, name: &str, id: MsgId, origin: &str, content_type: &str, body: &[u8], at: u64) -> (Arc<Message>, Waiters) {
+        let ch = match self.channels.get_mut(name) {
+            Some(ch) => ch,
+            None => add_channel(&mut self.channels, name),
+        };
         ch.last_id = Some(id);
         let msg = Arc::new(Message::new(id, origin, content_type, body));
         ch.messages.push_back(msg.clone());
@@ -364,7 +387,6 @@ impl Hub {
         let waiters = std::mem::take(&mut ch.waiters);
         // Messages of one second expire together: one queue entry covers them all, and a busy
         // channel costs the queue one entry a second instead of one per message.
-        let at = now.saturating_add(self.ttl);
         if at > ch.expiry_queued {
             ch.expiry_queued = at;
             let key = ch.name.clone();
@@ -377,48 +399,6 @@ impl Hub {
         self.stats.published += 1;
         self.stats.delivered += waiters.len() as u64;
         (msg, waiters)
-    }
-
-    /// Buffers a message whose id was given elsewhere (a cluster's Redis), as `publish_from`
-    /// does with its own: None when the channel already has that id or a later one (a copy that
-    /// arrived twice, by subscription and by fetch) or when it is already older than the ttl.
-    /// Expiry runs from the id's own time, the same on every node.
-    pub fn publish_at(&mut self, name: &str, id: MsgId, origin: &str, content_type: &str, body: &[u8], now: u64) -> Option<(Arc<Message>, Waiters)> {
-        self.expire(now);
-        let at = id.time.saturating_add(self.ttl);
-        if at <= now {
-            return None;
-        }
-        let ch = match self.channels.get_mut(name) {
-            Some(ch) => ch,
-            None => add_channel(&mut self.channels, name),
-        };
-        if ch.last_id.is_some_and(|l| l >= id) {
-            return None;
-        }
-        ch.last_id = Some(id);
-        let msg = Arc::new(Message::new(id, origin, content_type, body));
-        ch.messages.push_back(msg.clone());
-        self.buffered += 1;
-        if ch.messages.len() > self.buffer_length {
-            if let Some(old) = ch.messages.pop_front() {
-                ch.dropped = Some(old.id);
-            }
-            self.buffered -= 1;
-        }
-        let waiters = std::mem::take(&mut ch.waiters);
-        if at > ch.expiry_queued {
-            ch.expiry_queued = at;
-            let key = ch.name.clone();
-            self.expiry.push_back((at, key));
-            if self.expiry.len() > 2 * self.buffered + 1024 {
-                self.compact_expiry();
-            }
-        }
-        self.held -= waiters.len();
-        self.stats.published += 1;
-        self.stats.delivered += waiters.len() as u64;
-        Some((msg, waiters))
     }
 
     /// Records that messages up to `id` left the channel's buffer elsewhere (a cluster's Redis

@@ -83,6 +83,14 @@ pub const TICKET: usize = usize::MAX;
 /// The ticket token of removing another node's rows (its answer is not waited for).
 pub const FORGET: usize = usize::MAX - 2;
 
+/// The worker's connection to the presence database, opened on its first job.
+fn worker_db<'a>(res: &'a mut worker::Resources, path: &Path) -> Result<&'a mut Connection, String> {
+    if res.presence_db.is_none() {
+        res.presence_db = Some(open(path).map_err(|e| e.to_string())?);
+    }
+    res.presence_db.as_mut().ok_or_else(|| "no database".to_string())
+}
+
 impl Server {
     /// A batch of rows was written, or failed.
     pub(crate) fn rows_done(&mut self, result: Result<(), String>) {
@@ -111,13 +119,10 @@ impl Server {
         let (table, node) = (self.cfg.presence.table.clone(), instance.to_string());
         let instance = node.clone();
         let task: worker::Task = Box::new(move |res| {
-            if res.presence_db.is_none() {
-                match crate::presence_rows::open(&path) {
-                    Ok(c) => res.presence_db = Some(c),
-                    Err(e) => return Outcome::Rows(Err(e.to_string())),
-                }
-            }
-            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
+            let db = match worker_db(res, &path) {
+                Ok(db) => db,
+                Err(e) => return Outcome::Rows(Err(e)),
+            };
             let r = db.execute(&format!("DELETE FROM {table} WHERE daemon = ?1"), params![instance]);
             if let Err(e) = &r {
                 crate::error!("presence rows of node {instance} not deleted: {e}");
@@ -140,13 +145,10 @@ impl Server {
         // Rows are one copy of the events the batch holds; if the queue is full they are kept for
         // the next turn (the loop wakes at least every second).
         let task: worker::Task = Box::new(move |res| {
-            if res.presence_db.is_none() {
-                match crate::presence_rows::open(&path) {
-                    Ok(c) => res.presence_db = Some(c),
-                    Err(e) => return Outcome::Rows(Err(e.to_string())),
-                }
-            }
-            let Some(db) = res.presence_db.as_mut() else { return Outcome::Rows(Err("no database".into())) };
+            let db = match worker_db(res, &path) {
+                Ok(db) => db,
+                Err(e) => return Outcome::Rows(Err(e)),
+            };
             Outcome::Rows(crate::presence_rows::apply(db, &table, &instance, resync, &batch, now).map_err(|e| e.to_string()))
         });
         match self.pool.submit(Ticket { token: TICKET, stamp: 0 }, task) {

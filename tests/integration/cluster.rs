@@ -588,6 +588,13 @@ fn sessions_on_different_nodes_are_listed_together_on_a_third() {
     let m = ns[2].admin().request(&get("/metrics", &[("Authorization", &format!("Bearer {TOKEN}"))])).text();
     assert!(m.contains("comet_cluster_nodes 3"), "{m}");
     assert!(m.contains("comet_cluster_link_up 1"), "{m}");
+    // The admin page's feed shows the cluster's nodes and who is online across them.
+    let auth = format!("Bearer {TOKEN}");
+    let r = ns[2].admin().request(&get("/live", &[("Authorization", &auth)]));
+    assert_eq!(r.status, 200);
+    let snap = r.text();
+    assert!(snap.contains(r#""cluster":{"node":"n2","link":"up","nodes":["n0","n1","n2"]}"#), "{snap}");
+    assert!(snap.contains(r#""online_count":2"#) && snap.contains(r#"{"sid":"sa","user":"alice"}"#) && snap.contains(r#"{"sid":"sb","user":"bob"}"#), "{snap}");
 }
 
 #[test]
