@@ -611,7 +611,7 @@ impl Cluster {
 }
 
 /// The error a command gets when the link is down.
-const DOWN: &str = "TRYAGAIN the cluster's Redis is not reachable; nothing was published";
+const DOWN: &str = "TRYAGAIN the cluster's Redis is not reachable; the command did nothing";
 /// The error a command in flight gets when the link dies before Redis answered.
 const LOST: &str = "TRYAGAIN the link to Redis was lost before it answered; the command may or may not have taken effect";
 
