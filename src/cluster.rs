@@ -1342,7 +1342,7 @@ impl Server {
                 Ok(None) => break,
                 Err(e) => return self.cluster_down(&format!("unreadable message: {}", e.message())),
             };
-            let items = match value {
+            let mut items = match value {
                 Value::Array(items) if items.len() == 3 => items,
                 Value::Simple(_) => continue, // AUTH's OK
                 Value::Error(e) => return self.cluster_down(&format!("Redis refused: {}", String::from_utf8_lossy(&e))),
@@ -1352,25 +1352,24 @@ impl Server {
                     continue;
                 }
             };
+            // The payload is taken out, not copied: it is the message's body, up to the caps.
+            let payload = match items.pop() {
+                Some(Value::Bulk(b)) => Some(b),
+                _ => None,
+            };
             let (Some(kind), Some(chan)) = (items[0].bytes(), items[1].bytes()) else { continue };
             let Ok(chan) = std::str::from_utf8(chan) else { continue };
             let cap = self.cfg.channels.buffer_length + 1;
             let c = self.cluster();
             if c.presence.is_events_channel(chan, &c.cfg.prefix) {
-                if kind == b"message" {
-                    if let Some(b) = items[2].bytes() {
-                        let b = b.to_vec();
-                        self.to_backends(crate::server::PRESENCE_CHANNEL, &b);
-                    }
+                if let (b"message", Some(b)) = (kind, &payload) {
+                    self.to_backends(crate::server::PRESENCE_CHANNEL, b);
                 }
                 continue;
             }
             if chan == c.ctl {
-                if kind == b"message" {
-                    if let Some(b) = items[2].bytes() {
-                        let b = b.to_vec();
-                        self.cluster_ctl(&b);
-                    }
+                if let (b"message", Some(b)) = (kind, &payload) {
+                    self.cluster_ctl(b);
                 }
                 continue;
             }
@@ -1390,18 +1389,15 @@ impl Server {
                     }
                 }
                 b"message" => {
-                    let Some(payload) = items[2].bytes() else { continue };
+                    let Some(payload) = payload else { continue };
                     match c.follows.get_mut(name.as_str()).map(|f| &mut f.state) {
-                        Some(State::Live) => {
-                            let payload = payload.to_vec();
-                            self.cluster_deliver(&name, &payload, true);
-                        }
+                        Some(State::Live) => self.cluster_deliver(&name, &payload, true),
                         Some(State::Fetching(early)) => {
                             // Only the last buffer's worth can matter: older ones would be trimmed.
                             if early.len() >= cap {
                                 early.remove(0);
                             }
-                            early.push(payload.to_vec());
+                            early.push(payload);
                         }
                         _ => {}
                     }
