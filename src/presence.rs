@@ -53,14 +53,16 @@ struct OnChannel {
 struct Visitor {
     /// The application's user id.
     user: Option<String>,
-    /// Held polls, all channels, with the connection each is on (hold id -> slab token).
-    holds: HashMap<u64, usize>,
+    /// Held polls, all channels, with the connection each is on (hold id, slab token). A
+    /// vector, not a map: a session holds one or two polls at a time, and a visitor is kept for
+    /// every session online, so its size is what a held poll costs in memory.
+    holds: Vec<(u64, usize)>,
     /// Stamp of the pending grace timer after the last poll ended; 0 when none.
     grace: u64,
-    /// Shared channels it polls (or polled within grace).
-    channels: HashMap<Box<str>, OnChannel>,
+    /// Shared channels it polls (or polled within grace): a few, so a vector as `holds`.
+    channels: Vec<(Box<str>, OnChannel)>,
     /// Channels the backend joined it to (`JOIN`).
-    joined: HashSet<Box<str>>,
+    joined: Vec<Box<str>>,
 }
 
 impl Visitor {
@@ -73,7 +75,15 @@ impl Visitor {
         if !self.online() {
             return BTreeSet::new();
         }
-        self.channels.keys().chain(self.joined.iter()).cloned().collect()
+        self.channels.iter().map(|(c, _)| c).chain(self.joined.iter()).cloned().collect()
+    }
+
+    fn channel(&mut self, name: &str) -> Option<&mut OnChannel> {
+        self.channels.iter_mut().find(|(c, _)| &**c == name).map(|(_, c)| c)
+    }
+
+    fn remove_channel(&mut self, name: &str) {
+        self.channels.retain(|(c, _)| &**c != name);
     }
 }
 
@@ -188,12 +198,16 @@ impl Presence {
             if let Some(u) = user {
                 v.user = Some(u.to_string());
             }
-            v.holds.insert(hold, token);
+            v.holds.push((hold, token));
             v.grace = 0;
             if !private(channel) {
-                let c = v.channels.entry(channel.into()).or_default();
-                c.polls += 1;
-                c.grace = 0;
+                if v.channel(channel).is_none() {
+                    v.channels.push((channel.into(), OnChannel::default()));
+                }
+                if let Some(c) = v.channel(channel) {
+                    c.polls += 1;
+                    c.grace = 0;
+                }
             }
         });
     }
@@ -227,10 +241,9 @@ impl Presence {
         let (s1, s2) = (self.stamp(), self.stamp());
         let at = now + self.grace;
         let Some(v) = self.visitors.get_mut(sid) else { return };
-        if v.holds.remove(&hold).is_none() {
-            return;
-        }
-        if let Some(c) = v.channels.get_mut(channel) {
+        let Some(i) = v.holds.iter().position(|&(h, _)| h == hold) else { return };
+        v.holds.swap_remove(i);
+        if let Some(c) = v.channel(channel) {
             c.polls -= 1;
             if c.polls == 0 {
                 c.grace = s1;
@@ -250,10 +263,8 @@ impl Presence {
             let Some(v) = self.visitors.get(&g.sid) else { continue };
             match &g.channel {
                 Some(ch) => {
-                    if v.channels.get(ch).is_some_and(|c| c.grace == g.stamp && c.polls == 0) {
-                        self.change(&g.sid, out, |v| {
-                            v.channels.remove(ch);
-                        });
+                    if v.channels.iter().any(|(c, o)| c == ch && o.grace == g.stamp && o.polls == 0) {
+                        self.change(&g.sid, out, |v| v.remove_channel(ch));
                     }
                 }
                 None => {
@@ -290,7 +301,9 @@ impl Presence {
     /// The backend joined the session to a channel.
     pub fn join(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
         self.change(sid, out, |v| {
-            v.joined.insert(channel.into());
+            if !v.joined.iter().any(|c| &**c == channel) {
+                v.joined.push(channel.into());
+            }
         });
     }
 
@@ -298,7 +311,7 @@ impl Presence {
     pub fn leave(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
         if self.visitors.contains_key(sid) {
             self.change(sid, out, |v| {
-                v.joined.remove(channel);
+                v.joined.retain(|c| &**c != channel);
             });
         }
     }
@@ -307,7 +320,7 @@ impl Presence {
     /// held polls (hold id, token) for the loop to answer.
     pub fn forget(&mut self, sid: &str, out: &mut Vec<Event>) -> Vec<(u64, usize)> {
         let Some(v) = self.visitors.get(sid) else { return Vec::new() };
-        let holds: Vec<(u64, usize)> = v.holds.iter().map(|(h, t)| (*h, *t)).collect();
+        let holds = v.holds.clone();
         self.change(sid, out, |v| {
             v.holds.clear();
             v.grace = 0;
