@@ -420,6 +420,9 @@ struct Follow {
     parked: Vec<(usize, u64)>,
     /// Since when nothing waits on it.
     idle_since: Option<Instant>,
+    /// A poll asked for it since the last idle check: subscribers that are behind are answered
+    /// at once and never wait, yet the channel is in use.
+    asked: bool,
 }
 
 /// The cluster's state, owned by the loop.
@@ -815,7 +818,7 @@ impl Server {
         for (name, f) in c.follows.iter_mut() {
             let conns = &self.conns;
             f.parked.retain(|&(t, stamp)| conns.get(t).is_some_and(|c| c.stamp == stamp && !c.dead && matches!(c.phase, Phase::Syncing(_))));
-            let used = !f.parked.is_empty() || self.hub.has_waiters(name) || self.backend_subs.contains_key(&**name);
+            let used = std::mem::take(&mut f.asked) || !f.parked.is_empty() || self.hub.has_waiters(name) || self.backend_subs.contains_key(&**name);
             if used {
                 f.idle_since = None;
             } else if now.duration_since(*f.idle_since.get_or_insert(now)) >= LINGER {
@@ -852,15 +855,25 @@ impl Server {
         if channel.starts_with('@') || channel == crate::server::PRESENCE_CHANNEL || c.follows.contains_key(channel) {
             return;
         }
-        c.follows.insert(Arc::from(channel), Follow { state: State::Subscribing, parked: Vec::new(), idle_since: None });
+        c.follows.insert(Arc::from(channel), Follow { state: State::Subscribing, parked: Vec::new(), idle_since: None, asked: true });
         if c.up {
             c.subscribe(b"SUBSCRIBE", &[channel]);
         }
     }
 
     /// Whether a poll on `channel` must wait for the node to get in sync with Redis first.
-    pub(crate) fn cluster_must_park(&self, channel: &str) -> bool {
-        self.cluster.as_ref().is_some_and(|c| !channel.starts_with('@') && !c.is_live(channel))
+    pub(crate) fn cluster_must_park(&mut self, channel: &str) -> bool {
+        let Some(c) = self.cluster.as_mut() else { return false };
+        if channel.starts_with('@') {
+            return false;
+        }
+        match c.follows.get_mut(channel) {
+            Some(f) if matches!(f.state, State::Live) => {
+                f.asked = true;
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Parks an allowed poll until its channel is live on this node.

@@ -216,8 +216,11 @@ pub struct Share {
     /// When to send the whole share again, removing the predecessor's sessions that did not
     /// come back within the grace.
     cleanup_at: Option<Instant>,
-    /// Channels whose anonymous polls or subscribed backends changed this turn.
+    /// Channels whose anonymous polls or subscribed backends changed since they were last sent.
     pub(crate) dirty: HashSet<Box<str>>,
+    /// When those counts go next: once a second, not every turn (they only feed NUMSUB and
+    /// CHANNELS, and a fan-out changes them in every turn).
+    counts_due: Option<Instant>,
     /// The heartbeat's round trip.
     pub rtt: Option<Duration>,
     /// Nodes alive, as Redis last said.
@@ -307,12 +310,24 @@ impl Server {
         self.presence.anonymous(channel) + self.backend_subs.get(channel).map_or(0, |b| b.len())
     }
 
-    /// Sends the turn's changes of this node's share, one script call per `OPS_PER_CALL`.
+    /// Sends the turn's changes of this node's share, one script call per `OPS_PER_CALL`: the
+    /// sessions' events every turn, the changed counts of anonymous polls once a second.
     pub(crate) fn cluster_presence_flush(&mut self) {
+        let now = self.now;
         let Some(c) = self.cluster.as_mut() else { return };
         if !c.up || !c.presence.resynced {
             return;
         }
+        if c.presence.counts_due.is_none_or(|at| at <= now) {
+            c.presence.counts_due = Some(now + Duration::from_secs(1));
+            self.cluster_presence_counts();
+        }
+        self.cluster_presence_send();
+    }
+
+    /// Queues the changed counts of anonymous polls and subscribed backends.
+    fn cluster_presence_counts(&mut self) {
+        let Some(c) = self.cluster.as_mut() else { return };
         let mut dirty: Vec<Box<str>> = c.presence.dirty.drain().collect();
         if let Some(set) = self.presence.anon_changed.as_mut() {
             dirty.extend(set.drain());
@@ -323,6 +338,10 @@ impl Server {
             let n = self.anonymous_on(&ch);
             self.cluster().presence.ops.push(format!("a\n{ch}\n{n}").into_bytes());
         }
+    }
+
+    /// Sends the queued changes.
+    fn cluster_presence_send(&mut self) {
         let now = self.now;
         let c = self.cluster();
         if c.presence.ops.is_empty() {
