@@ -67,7 +67,12 @@ RUN OPTIONS:
     --pub-http ADDR             nchan: POST to this address instead of --http (another nginx
                                 sharing the channels through Redis)
     --redis ADDR                a redis-server to read `INFO commandstats` of when every poll
-                                is held and at the end: its calls per published message
+                                is held and at the end: its calls per published message (the
+                                commands its scripts call included)
+    --redis-sent ADDR[,ADDR...] servers whose own count of commands sent to Redis is read at the
+                                same points, summed: round trips per published message (comet:
+                                control ports, `cluster_commands_sent`; nchan: HTTP addresses,
+                                `total redis commands sent` of the --status-path page)
     --pub-path PATH             nchan: the publisher location (default /pub, as /pub?id=<ch>)
     --status-path PATH          nchan: the nchan_stub_status location to count held polls;
                                 without it, a fixed --settle time is waited instead
@@ -238,7 +243,7 @@ impl Opts {
 fn run(args: &[String]) -> Result<(), String> {
     let o = Opts::parse(args)?;
     let known = [
-        "target", "http", "control", "pub-control", "pub-http", "redis", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
+        "target", "http", "control", "pub-control", "pub-http", "redis", "redis-sent", "token", "pub-path", "status-path", "settle", "server-pid", "subs", "channels", "messages", "rounds", "rate",
         "size", "requests", "path", "sub-path", "multipart", "transport", "sources", "window", "connect-rate", "timeout", "drain", "prefix", "tag",
     ];
     if let Some(k) = o.0.keys().find(|k| !known.contains(&k.as_str())) {
@@ -291,6 +296,21 @@ fn run(args: &[String]) -> Result<(), String> {
             None => Vec::new(),
         },
         redis: o.addr("redis")?,
+        redis_sent: match o.str("redis-sent") {
+            None => None,
+            Some(list) => {
+                let addrs = list
+                    .split(',')
+                    .map(|a| a.trim().parse::<SocketAddr>().map_err(|_| format!("--redis-sent: {a:?} is not an address:port")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let how = match target.as_str() {
+                    "comet" => publish::SentCount::Comet { token: token.clone() },
+                    "nchan" => publish::SentCount::Nchan { path: o.str("status-path").unwrap_or("/nchan_status").to_string() },
+                    t => return Err(format!("--redis-sent: not with --target {t}")),
+                };
+                Some((how, addrs))
+            }
+        },
         subs,
         channels,
         messages: o.num("messages", 0)?,
@@ -362,6 +382,12 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
         put("rss_end_kb", e.rss_kb.to_string());
     }
     let phase_cpu = cpu(out.at_held, out.at_end);
+    // Several processes (a cluster): each one's share of the phase's CPU, in --server-pid order.
+    if !out.each_at_held.is_empty() && out.each_at_held.len() == out.each_at_end.len() {
+        let each: Vec<String> =
+            out.each_at_held.iter().zip(&out.each_at_end).map(|(a, b)| cpu(*a, *b).map_or("?".into(), |c| c.to_string())).collect();
+        put("cpu_us_each", each.join(","));
+    }
     let statuses: Vec<String> = tally.statuses.iter().map(|(s, n)| format!("{s}:{n}")).collect();
     let errors: u64 = tally.statuses.values().sum::<u64>() + tally.protocol_errors + tally.bad_bodies;
     if let Some(reqs) = plan.plain_requests {
@@ -418,12 +444,25 @@ fn result_line(tag: &str, target: &str, plan: &Plan, out: &load::Outcome) -> Str
         if let (Some(h), Some(e)) = (&out.redis_at_held, &out.redis_at_end) {
             let diff = redis_diff(h, e);
             let total: u64 = diff.iter().map(|(_, n)| n).sum();
+            // Script calls (one round trip each, however many commands the script runs).
+            let scripts: u64 = diff.iter().filter(|(k, _)| ["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"].contains(&k.as_str())).map(|(_, n)| n).sum();
             put("redis_calls", total.to_string());
+            put("redis_scripts", scripts.to_string());
             if let Some(p) = out.publish.as_ref().filter(|p| p.published > 0) {
                 put("redis_calls_per_publish", format!("{:.3}", total as f64 / p.published as f64));
+                put("redis_scripts_per_publish", format!("{:.3}", scripts as f64 / p.published as f64));
             }
             let by: Vec<String> = diff.iter().map(|(k, n)| format!("{k}:{n}")).collect();
             put("redis_cmds", if by.is_empty() { "none".into() } else { by.join(",") });
+        }
+        if let (Some(b), Some(h)) = (out.sent_before, out.sent_at_held) {
+            put("redis_sent_connect", h.saturating_sub(b).to_string());
+        }
+        if let (Some(h), Some(e)) = (out.sent_at_held, out.sent_at_end) {
+            put("redis_sent", e.saturating_sub(h).to_string());
+            if let Some(p) = out.publish.as_ref().filter(|p| p.published > 0) {
+                put("redis_sent_per_publish", format!("{:.3}", e.saturating_sub(h) as f64 / p.published as f64));
+            }
         }
     }
     // The load generator's CPU over the same phase: near 100% of the elapsed time means the

@@ -60,6 +60,8 @@ pub struct Plan {
     pub server_pids: Vec<u32>,
     /// A redis-server whose `INFO commandstats` is read at the same points as the CPU time.
     pub redis: Option<SocketAddr>,
+    /// Servers whose own count of commands sent to Redis is read at the same points.
+    pub redis_sent: Option<(publish::SentCount, Vec<SocketAddr>)>,
     pub subs: usize,
     pub channels: usize,
     pub messages: u32,
@@ -170,10 +172,18 @@ pub struct Outcome {
     /// The load generator's own CPU time at the same two points (to tell when it is the limit).
     pub self_at_held: Option<Sample>,
     pub self_at_end: Option<Sample>,
+    /// Each of the server's processes (in `plan.server_pids` order) at the same two points, when
+    /// there are several.
+    pub each_at_held: Vec<Option<Sample>>,
+    pub each_at_end: Vec<Option<Sample>>,
     /// `plan.redis`'s calls per command at the start, once every poll is held, and at the end.
     pub redis_before: Option<RedisCalls>,
     pub redis_at_held: Option<RedisCalls>,
     pub redis_at_end: Option<RedisCalls>,
+    /// `plan.redis_sent`'s count at the same three points.
+    pub sent_before: Option<u64>,
+    pub sent_at_held: Option<u64>,
+    pub sent_at_end: Option<u64>,
     pub held_at: Option<Duration>,
     pub timed_out: bool,
     /// Plain mode: when the requests started and ended.
@@ -195,6 +205,26 @@ fn redis_calls(plan: &Plan, note: &mut Vec<String>) -> Option<RedisCalls> {
             None
         }
     }
+}
+
+/// Reads `plan.redis_sent`'s count, if it is set; a failure is noted, not fatal.
+fn sent_count(plan: &Plan, note: &mut Vec<String>) -> Option<u64> {
+    let (how, addrs) = plan.redis_sent.as_ref()?;
+    match publish::redis_sent(how, addrs) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            note.push(format!("reading the servers' Redis command counts failed: {e}"));
+            None
+        }
+    }
+}
+
+/// Each of the server's processes, when there are several (one: the sum says it all).
+fn each(plan: &Plan) -> Vec<Option<Sample>> {
+    if plan.server_pids.len() < 2 {
+        return Vec::new();
+    }
+    plan.server_pids.iter().map(|&p| procfs::sample(p)).collect()
 }
 
 #[derive(PartialEq, Eq, Debug, Clone, Copy)]
@@ -764,6 +794,7 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
     let deadline = t0 + plan.timeout;
     out.before = procfs::maybe(&plan.server_pids);
     out.redis_before = redis_calls(plan, &mut out.note);
+    out.sent_before = sent_count(plan, &mut out.note);
     let mut events = Events::with_capacity(4096);
     let mut step = Step::Connecting;
     let mut probe: Option<Probe> = None;
@@ -828,8 +859,10 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                     if plain {
                         // Everyone connected: start the clock and the requests together.
                         out.at_held = procfs::maybe(&plan.server_pids);
+                        out.each_at_held = each(plan);
                         out.self_at_held = procfs::sample(std::process::id());
                         out.redis_at_held = redis_calls(plan, &mut out.note);
+                        out.sent_at_held = sent_count(plan, &mut out.note);
                         out.held = alive as u64;
                         out.held_at = Some(now - t0);
                         out.plain_start = Some(Instant::now());
@@ -876,8 +909,10 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
                 if held_now.is_some() {
                     out.held_at = Some(now - t0);
                     out.at_held = procfs::maybe(&plan.server_pids);
+                    out.each_at_held = each(plan);
                     out.self_at_held = procfs::sample(std::process::id());
                     out.redis_at_held = redis_calls(plan, &mut out.note);
+                    out.sent_at_held = sent_count(plan, &mut out.note);
                     eprintln!("comet-bench: {} polls held after {}", out.held, ms(now - t0));
                     if plan.messages == 0 || plan.publisher.is_none() {
                         step = Step::Finished;
@@ -930,8 +965,10 @@ pub fn run(plan: &Plan) -> io::Result<Outcome> {
         }
     }
     out.at_end = procfs::maybe(&plan.server_pids);
+    out.each_at_end = each(plan);
     out.self_at_end = procfs::sample(std::process::id());
     out.redis_at_end = redis_calls(plan, &mut out.note);
+    out.sent_at_end = sent_count(plan, &mut out.note);
     stop.store(true, Ordering::Relaxed);
     if let Some(h) = publisher.take() {
         out.publish = Some(h.join().unwrap_or_default());

@@ -250,3 +250,42 @@ pub fn redis_commandstats(addr: SocketAddr) -> io::Result<std::collections::BTre
         })
         .collect())
 }
+
+/// How to ask a server for its own count of the commands it sent to Redis.
+#[derive(Clone, Debug)]
+pub enum SentCount {
+    /// comet: `INFO` on a control port, `cluster_commands_sent` (the command link; SUBSCRIBEs
+    /// go on the other link and are not counted).
+    Comet { token: String },
+    /// nchan: its `nchan_stub_status` page at `path`, `total redis commands sent`.
+    Nchan { path: String },
+}
+
+/// The commands sent to Redis by the servers at `addrs`, summed: the round trips a publish
+/// costs, as the servers count them (Redis's own counts add the commands its scripts call).
+pub fn redis_sent(how: &SentCount, addrs: &[SocketAddr]) -> io::Result<u64> {
+    let mut total = 0;
+    for &a in addrs {
+        total += match how {
+            SentCount::Comet { token } => {
+                let mut c = wire::comet_control(a, token)?;
+                let mut cmd = Vec::new();
+                wire::resp_command(&mut cmd, &[b"INFO"]);
+                c.stream.write_all(&cmd)?;
+                let text = c.resp()?;
+                wire::field(&text, "cluster_commands_sent").ok_or_else(|| io::Error::other(format!("{a}: no cluster_commands_sent in INFO")))?
+            }
+            SentCount::Nchan { path } => {
+                let mut c = Blocking::connect(a)?;
+                write!(c.stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+                let (status, body) = c.http()?;
+                if status != 200 {
+                    return Err(io::Error::other(format!("{a}: status page answered {status}")));
+                }
+                let text = String::from_utf8_lossy(&body);
+                wire::field(&text, "total redis commands sent").ok_or_else(|| io::Error::other(format!("{a}: no total redis commands sent in the status page")))?
+            }
+        };
+    }
+    Ok(total)
+}

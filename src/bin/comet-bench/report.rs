@@ -313,17 +313,93 @@ pub fn table(dir: &Path) -> std::io::Result<String> {
             loss_rows(&mut t, &r, &fanout, runs(&r, &fanout));
         }
     }
+    cluster(&mut t, &r);
     Ok(t.out)
 }
 
+/// 8. Two nodes and a redis-server (servers `comet` and `nchan` of the `cluster-*` scenarios),
+/// and the same scenarios on one node of each without Redis (`comet1`, `nchan1`) for reference.
+fn cluster(t: &mut Table, r: &Results) {
+    let size = |sc: &str, key: &str| r.get(sc, "comet", key, Agg::Median).or(r.get(sc, "nchan", key, Agg::Median)).map_or("?".into(), |v| num(Some(v)));
+    let setup = "comet: 2 nodes (`[cluster]`) + redis-server; nchan: 2 nginx (`nchan_redis_pass`) + redis-server; all on CPU 0, published on node A, \
+                 every subscriber on node B; CPU summed over the three processes";
+    for (n, sc) in ["cluster-channels", "cluster-burst", "cluster-fanout"].into_iter().enumerate() {
+        if !r.any(sc) {
+            continue;
+        }
+        let runs = r.runs(sc, "comet").max(r.runs(sc, "nchan"));
+        let (what, keys): (String, &[(&str, &str)]) = match sc {
+            "cluster-channels" => (
+                format!("many channels: {} subscribers, a channel each, {} rounds", size(sc, "subs"), size(sc, "rounds")),
+                &[("deliveries_per_s", "deliveries per second"), ("cpu_us_per_delivery", "server CPU µs per delivery"), ("p99_ms", "delivery latency p99, ms")],
+            ),
+            "cluster-burst" => (
+                format!("burst: {} subscribers on one channel, {} messages back to back", size(sc, "subs"), size(sc, "messages")),
+                &[("deliveries_per_s", "deliveries per second"), ("cpu_us_per_delivery", "server CPU µs per delivery")],
+            ),
+            _ => (
+                format!("paced fan-out: {} subscribers on one channel, {} messages at {}/s", size(sc, "subs"), size(sc, "messages"), size(sc, "rate")),
+                &[("p50_ms", "delivery latency p50, ms"), ("p99_ms", "delivery latency p99, ms"), ("max_ms", "delivery latency max, ms")],
+            ),
+        };
+        t.section(&format!("8{}. Cluster, {what} ({setup})", ['a', 'b', 'c'][n]));
+        for (key, label) in keys {
+            t.median_row(r, sc, ("comet", "nchan"), key, label);
+        }
+        // Where the CPU went: --server-pid was node A, node B, redis-server.
+        if keys.iter().any(|(k, _)| *k == "cpu_us_per_delivery") {
+            for (i, part) in ["node A (publishing)", "node B (subscribers)", "redis-server"].into_iter().enumerate() {
+                let c = cpu_part_per_delivery(r, sc, "comet", i);
+                let o = cpu_part_per_delivery(r, sc, "nchan", i);
+                t.row(&format!("of which {part}, µs per delivery"), c, o);
+            }
+        }
+        t.median_row(r, sc, ("comet", "nchan"), "redis_sent_per_publish", "Redis round trips per published message (commands the servers sent)");
+        t.median_row(r, sc, ("comet", "nchan"), "redis_scripts_per_publish", "of which script calls (EVALSHA) per published message");
+        t.median_row(r, sc, ("comet", "nchan"), "redis_calls_per_publish", "commands Redis ran per published message (INFO commandstats: scripts' own calls included)");
+        t.median_row(r, sc, ("comet", "nchan"), "loadgen_cpu_pct", "load generator CPU, % of its core");
+        loss_rows_of(t, r, sc, runs, ("comet", "nchan"));
+        // The same on one node without Redis, and what the cluster costs over it.
+        for (key, label) in keys {
+            t.median_row(r, sc, ("comet1", "nchan1"), key, &format!("one node, no Redis (reference): {label}"));
+        }
+        for (key, label) in keys {
+            let c = r.paired_ratio(sc, "comet", "comet1", key);
+            let o = r.paired_ratio(sc, "nchan", "nchan1", key);
+            t.text_row(&format!("{label}: cluster ÷ one node (median of per-run ratios)"), &num(c), &num(o), &ratio(c, o));
+        }
+        loss_rows_of(t, r, sc, r.runs(sc, "comet1").max(r.runs(sc, "nchan1")), ("comet1", "nchan1"));
+    }
+}
+
+/// The median over runs of process `i`'s CPU (of `cpu_us_each`) per delivery.
+fn cpu_part_per_delivery(r: &Results, sc: &str, server: &str, i: usize) -> Option<f64> {
+    let runs = r.0.get(&(sc.to_string(), server.to_string()))?;
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter_map(|f| {
+            let us: f64 = f.get("cpu_us_each")?.split(',').nth(i)?.parse().ok()?;
+            let delivered: f64 = f.get("delivered")?.parse().ok()?;
+            (delivered > 0.0).then(|| us / delivered)
+        })
+        .collect();
+    median(&mut v)
+}
+
 fn loss_rows(t: &mut Table, r: &Results, sc: &str, runs: usize) {
+    loss_rows_of(t, r, sc, runs, ("comet", "nchan"));
+}
+
+fn loss_rows_of(t: &mut Table, r: &Results, sc: &str, runs: usize, servers: (&str, &str)) {
     let get = |srv: &str, k: &str| r.get(sc, srv, k, Agg::Sum);
-    t.row(&format!("messages lost (sum of {runs} runs)"), get("comet", "lost"), get("nchan", "lost"));
-    t.row(&format!("duplicates (sum of {runs} runs)"), get("comet", "dup"), get("nchan", "dup"));
+    let (a, b) = servers;
+    let of = if a == "comet1" { " (one node)" } else { "" };
+    t.row(&format!("messages lost{of} (sum of {runs} runs)"), get(a, "lost"), get(b, "lost"));
+    t.row(&format!("duplicates{of} (sum of {runs} runs)"), get(a, "dup"), get(b, "dup"));
     let expected = |srv: &str| r.get(sc, srv, "expected", Agg::Median);
-    t.row("deliveries expected per run", expected("comet"), expected("nchan"));
+    t.row(&format!("deliveries expected per run{of}"), expected(a), expected(b));
     let bad = |srv: &str| Some(get(srv, "failed")? + get(srv, "misrouted")? + get(srv, "errors")?);
-    t.row(&format!("failed subscribers + misrouted + error answers (sum of {runs} runs)"), bad("comet"), bad("nchan"));
+    t.row(&format!("failed subscribers + misrouted + error answers{of} (sum of {runs} runs)"), bad(a), bad(b));
 }
 
 #[cfg(test)]
