@@ -807,6 +807,7 @@ impl Server {
         c.next_tick = now + Duration::from_secs(1);
         self.cluster_unfollow_idle();
         self.cluster_presence_tick();
+        self.cluster_flush();
     }
 
     /// Stops following channels nothing waited on for `LINGER`: unsubscribes and forgets their

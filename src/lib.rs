@@ -8,6 +8,7 @@
 //! main.rs      command line, config, signals            -> Server::bind, Server::run
 //! config.rs    server.toml -> raw serde struct -> validated Config
 //! server.rs    the mio loop: accept -> read -> dispatch -> write -> timers -> reap
+//! listen.rs    the listening sockets (backlog, SO_REUSEPORT)
 //! conn.rs      one connection: input buffer, output queue of shared chunks, phase
 //! http.rs      HTTP heads parsed (pure), responses encoded         \  protocol code:
 //! resp.rs      RESP2 commands parsed (pure), replies encoded       /  bytes in, result out
@@ -45,6 +46,7 @@ pub mod conn;
 pub mod control;
 pub mod http;
 pub mod hub;
+pub mod listen;
 pub mod guard;
 pub mod log;
 pub mod message;
