@@ -11,12 +11,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, existsSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { launch, shot, startComet, resp, until, sleep, ROOT } from './lib.mjs';
+import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect } from './lib.mjs';
 
 const NCHAN_JS = readFileSync(path.join(ROOT, 'tests/browser/node_modules/nchan/NchanSubscriber.js'));
 const NGINX = process.env.NGINX || '/usr/sbin/nginx';
@@ -46,21 +45,6 @@ for (const [sig, n] of [['SIGINT', 2], ['SIGTERM', 15], ['SIGHUP', 1]]) {
 // stdout closed early (`| head`): not a reason to stop half way and leave the children behind.
 process.stdout.on('error', () => {});
 
-/** `n` distinct free loopback ports (all held open at once, then released). */
-async function freePorts(n) {
-  const servers = await Promise.all([...Array(n)].map(() => new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
-  })));
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  return ports;
-}
-
-const addr = (port) => `127.0.0.1:${port}`;
-const canConnect = (port) => new Promise((r) => {
-  const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); });
-  s.on('error', () => r(false));
-});
 
 function nodeToml(n) {
   return `[log]

@@ -163,3 +163,22 @@ export async function get(url, headers = {}) {
   const r = await fetch(url, { headers });
   return { status: r.status, headers: r.headers, text: await r.text() };
 }
+
+/** `n` distinct free loopback ports (all held open at once, then released). */
+export async function freePorts(n) {
+  const servers = await Promise.all([...Array(n)].map(() => new Promise((resolve) => {
+    const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
+  })));
+  const ports = servers.map((s) => s.address().port);
+  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  return ports;
+}
+
+/** A loopback address. */
+export const addr = (port) => `127.0.0.1:${port}`;
+
+/** Whether something accepts on a loopback port. */
+export const canConnect = (port) => new Promise((r) => {
+  const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); });
+  s.on('error', () => r(false));
+});

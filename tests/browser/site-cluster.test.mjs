@@ -14,13 +14,12 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { spawn, execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, existsSync, rmSync, chmodSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
-import { launch, shot, startComet, resp, until, sleep, ROOT } from './lib.mjs';
+import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect } from './lib.mjs';
 
 const NGINX = process.env.NGINX || '/usr/sbin/nginx';
 const REDIS = process.env.REDIS_SERVER || 'redis-server';
@@ -57,19 +56,6 @@ for (const [sig, n] of [['SIGINT', 2], ['SIGTERM', 15], ['SIGHUP', 1]]) {
 }
 process.stdout.on('error', () => {});
 
-async function freePorts(n) {
-  const servers = await Promise.all([...Array(n)].map(() => new Promise((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => resolve(s));
-  })));
-  const ports = servers.map((s) => s.address().port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  return ports;
-}
-const addr = (port) => `127.0.0.1:${port}`;
-const canConnect = (port) => new Promise((r) => {
-  const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); });
-  s.on('error', () => r(false));
-});
 
 /** A child whose stdout and stderr go to DIR/<name>.log. */
 function run(name, cmd, args, opts = {}) {
