@@ -54,6 +54,8 @@ pub const LINGER: Duration = Duration::from_secs(10);
 /// Reconnect backoff: from this, doubling per failure, up to the cap, each with jitter.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Followed channels looked at by the idle check each second.
+const IDLE_CHECKS: usize = 2048;
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command when many go at once (a reconnect).
 const SUBSCRIBE_BATCH: usize = 512;
 /// Bytes of an entry's header (id, origin, content type) allowed beyond the message cap.
@@ -443,6 +445,8 @@ pub struct Cluster {
     failures: u32,
     waiting: VecDeque<(Instant, Waiting)>,
     follows: HashMap<Arc<str>, Follow>,
+    /// Every followed channel, in the order the idle check visits them.
+    idle_queue: VecDeque<Arc<str>>,
     pub(crate) shas: [String; 9],
     pub(crate) ctl: String,
     sessions_key: String,
@@ -493,6 +497,7 @@ impl Cluster {
             failures: 0,
             waiting: VecDeque::new(),
             follows: HashMap::new(),
+            idle_queue: VecDeque::new(),
             next_tick: Instant::now(),
             last_error: "not connected yet".into(),
             reconnects: 0,
@@ -812,19 +817,29 @@ impl Server {
 
     /// Stops following channels nothing waited on for `LINGER`: unsubscribes and forgets their
     /// buffer, which would go stale.
+    ///
+    /// At most `IDLE_CHECKS` follows a second, taken in turn from a queue: the cost of a second
+    /// does not grow with the channels followed (with more of them, a channel is let go later).
     fn cluster_unfollow_idle(&mut self) {
         let now = self.now;
         let Some(mut c) = self.cluster.take() else { return };
         let mut gone = Vec::new();
-        for (name, f) in c.follows.iter_mut() {
+        for _ in 0..c.idle_queue.len().min(IDLE_CHECKS) {
+            let Some(name) = c.idle_queue.pop_front() else { break };
+            let Some(f) = c.follows.get_mut(&name) else { continue };
+            c.idle_queue.push_back(name.clone());
             let conns = &self.conns;
             f.parked.retain(|&(t, stamp)| conns.get(t).is_some_and(|c| c.stamp == stamp && !c.dead && matches!(c.phase, Phase::Syncing(_))));
-            let used = std::mem::take(&mut f.asked) || !f.parked.is_empty() || self.hub.has_waiters(name) || self.backend_subs.contains_key(&**name);
+            let used = std::mem::take(&mut f.asked) || !f.parked.is_empty() || self.hub.has_waiters(&name) || self.backend_subs.contains_key(&*name);
             if used {
                 f.idle_since = None;
             } else if now.duration_since(*f.idle_since.get_or_insert(now)) >= LINGER {
-                gone.push(name.clone());
+                gone.push(name);
             }
+        }
+        if !gone.is_empty() {
+            let set: HashSet<&str> = gone.iter().map(|n| &**n).collect();
+            c.idle_queue.retain(|n| !set.contains(&**n));
         }
         for name in &gone {
             c.follows.remove(name);
@@ -856,7 +871,9 @@ impl Server {
         if channel.starts_with('@') || channel == crate::server::PRESENCE_CHANNEL || c.follows.contains_key(channel) {
             return;
         }
-        c.follows.insert(Arc::from(channel), Follow { state: State::Subscribing, parked: Vec::new(), idle_since: None, asked: true });
+        let name: Arc<str> = Arc::from(channel);
+        c.idle_queue.push_back(name.clone());
+        c.follows.insert(name, Follow { state: State::Subscribing, parked: Vec::new(), idle_since: None, asked: true });
         if c.up {
             c.subscribe(b"SUBSCRIBE", &[channel]);
         }

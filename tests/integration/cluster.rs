@@ -826,3 +826,28 @@ fn nodes_with_reuse_port_share_one_browser_port() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("browser.listen: cannot listen"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_node_subscribes_on_the_first_poll_and_unsubscribes_a_while_after_the_last() {
+    let redis = Redis::start();
+    let ns = nodes(&redis, 2, |c| c);
+    let numsub = || redis.cli(&["PUBSUB", "NUMSUB", "comet:m:brief"]);
+    assert_eq!(numsub(), "comet:m:brief\n0", "no node follows a channel nobody asked for");
+    let mut p = hold(&ns[1], "/sub/brief", &[]);
+    wait_live(&ns[1], 1);
+    assert_eq!(numsub(), "comet:m:brief\n1", "the node with the poll subscribed, the other did not");
+    publish_reply(&ns[0], "brief", "one");
+    let first = p.response();
+    assert_text_message(&first, "one");
+    // Nobody waits there now: the node lets the channel go after the linger.
+    eventually("the node unsubscribed", Duration::from_secs(15), || {
+        let n = numsub();
+        (n == "comet:m:brief\n0").then_some(()).ok_or(n)
+    });
+    assert_eq!(ns[1].info()["cluster_channels_followed"], "0");
+    // A later poll follows it again and resumes from its cursor.
+    publish_reply(&ns[0], "brief", "two");
+    let c = after(&first);
+    let r = ns[1].browser().request(&get("/sub/brief", &[(&c[0].0, &c[0].1), (&c[1].0, &c[1].1)]));
+    assert_text_message(&r, "two");
+}
