@@ -10,14 +10,12 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import http from 'node:http';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, existsSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect } from './lib.mjs';
+import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect, within, nchanPages } from './lib.mjs';
 
-const NCHAN_JS = readFileSync(path.join(ROOT, 'tests/browser/node_modules/nchan/NchanSubscriber.js'));
 const NGINX = process.env.NGINX || '/usr/sbin/nginx';
 const REDIS = process.env.REDIS_SERVER || 'redis-server';
 const TOTAL = 60;
@@ -219,16 +217,7 @@ before(async () => {
 
   await Promise.all(nodes.map(startNode));
 
-  pages = http.createServer((req, res) => {
-    if (req.url === '/NchanSubscriber.js') {
-      res.writeHead(200, { 'Content-Type': 'application/javascript' });
-      return res.end(NCHAN_JS);
-    }
-    const u = new URL(req.url, 'http://x');
-    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
-    res.end(page(u.searchParams.get('subscriber') || '', u.searchParams.get('channel')));
-  });
-  await new Promise((r) => pages.listen(0, '127.0.0.1', r));
+  pages = await nchanPages(page);
 
   mkdirSync(path.join(DIR, 'tmp'));
   writeFileSync(path.join(DIR, 'nginx.conf'), nginxConf(pages.address().port));
@@ -245,9 +234,6 @@ before(async () => {
   browser = await launch();
   failed = false;
 });
-
-/** `promise`, or nothing after `ms` (the timer unref'd, so it does not keep the process up). */
-const within = (promise, ms) => Promise.race([promise, new Promise((r) => setTimeout(r, ms).unref())]);
 
 after(async () => {
   await browser?.close().catch(() => {});

@@ -2,7 +2,8 @@
 // comet daemon started from a config file, a tiny RESP client, and waits with deadlines.
 
 import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, mkdirSync, readFileSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -182,3 +183,26 @@ export const canConnect = (port) => new Promise((r) => {
   const s = net.connect(port, '127.0.0.1', () => { s.destroy(); r(true); });
   s.on('error', () => r(false));
 });
+
+/** `promise`, or nothing after `ms` (the timer unref'd, so it does not keep the process up). */
+export const within = (promise, ms) => Promise.race([promise, new Promise((r) => setTimeout(r, ms).unref())]);
+
+/**
+ * A loopback HTTP server of test pages for nchan's NchanSubscriber: `/NchanSubscriber.js` from
+ * the npm package, any other path `page(subscriber, channel)` from its query string. Resolves
+ * once it listens; its port is `server.address().port`.
+ */
+export async function nchanPages(page) {
+  const js = readFileSync(path.join(ROOT, 'tests/browser/node_modules/nchan/NchanSubscriber.js'));
+  const server = http.createServer((req, res) => {
+    if (req.url === '/NchanSubscriber.js') {
+      res.writeHead(200, { 'Content-Type': 'application/javascript' });
+      return res.end(js);
+    }
+    const u = new URL(req.url, 'http://x');
+    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
+    res.end(page(u.searchParams.get('subscriber') || '', u.searchParams.get('channel')));
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return server;
+}

@@ -7,16 +7,14 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import http from 'node:http';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync, mkdtempSync, mkdirSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { launch, shot, startComet, resp, until, sleep, ROOT } from './lib.mjs';
+import { launch, shot, startComet, resp, until, sleep, ROOT, nchanPages } from './lib.mjs';
 
 const TOKEN = 's3cret-token';
-const NCHAN_JS = readFileSync(path.join(ROOT, 'tests/browser/node_modules/nchan/NchanSubscriber.js'));
 const NGINX = process.env.NGINX || '/usr/sbin/nginx';
 let comet, browser, pages, nginx, nginxPort, origin;
 
@@ -88,18 +86,8 @@ function page(subscriber, channel) {
 }
 
 before(async () => {
-  const server = http.createServer((req, res) => {
-    if (req.url === '/NchanSubscriber.js') {
-      res.writeHead(200, { 'Content-Type': 'application/javascript' });
-      return res.end(NCHAN_JS);
-    }
-    const u = new URL(req.url, 'http://x');
-    res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8', 'Cache-Control': 'no-store' });
-    res.end(page(u.searchParams.get('subscriber') || '', u.searchParams.get('channel')));
-  });
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  pages = server;
-  pagePort = server.address().port;
+  pages = await nchanPages(page);
+  pagePort = pages.address().port;
   nginxPort = await freePort();
   origin = `http://127.0.0.1:${nginxPort}`;
   comet = await startComet(`[log]

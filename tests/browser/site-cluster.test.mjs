@@ -19,7 +19,7 @@ import { readFileSync, writeFileSync, mkdtempSync, mkdirSync, existsSync, rmSync
 import { randomBytes } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
-import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect } from './lib.mjs';
+import { launch, shot, startComet, resp, until, sleep, ROOT, freePorts, addr, canConnect, within } from './lib.mjs';
 
 const NGINX = process.env.NGINX || '/usr/sbin/nginx';
 const REDIS = process.env.REDIS_SERVER || 'redis-server';
@@ -281,8 +281,6 @@ before(async () => {
   browser = await launch();
   failed = false;
 });
-
-const within = (promise, ms) => Promise.race([promise, new Promise((r) => setTimeout(r, ms).unref())]);
 
 after(async () => {
   await browser?.close().catch(() => {});
