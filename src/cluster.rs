@@ -332,6 +332,11 @@ pub(crate) enum Waiting {
     Query(Asker, crate::cluster_presence::Query),
 }
 
+/// Capacity a link's buffers keep once drained. A burst (a node's whole presence share on
+/// connect, thousands of events at once) grows them far beyond this; kept, that would cost
+/// every later second the memory of the largest burst.
+const LINK_KEEP: usize = 64 << 10;
+
 /// One TCP connection to Redis.
 #[derive(Default)]
 struct Link {
@@ -355,6 +360,7 @@ impl Link {
             None => {
                 self.inbuf.drain(..self.parsed);
                 self.parsed = 0;
+                self.inbuf.shrink_to(LINK_KEEP.max(self.inbuf.len()));
                 Ok(None)
             }
         }
@@ -377,6 +383,7 @@ impl Link {
             }
         }
         self.out.drain(..done);
+        self.out.shrink_to(LINK_KEEP.max(self.out.len()));
         Ok(())
     }
 

@@ -126,8 +126,9 @@ pub struct Hold {
     pub id: u64,
     /// The channel it waits on (the hub's own name of it, shared).
     pub channel: Arc<str>,
-    /// The session polling ("" when anonymous), for presence.
-    pub sid: Box<str>,
+    /// The session polling (None when anonymous), for presence: presence's own copy of the id,
+    /// shared.
+    pub sid: Option<Arc<str>>,
     /// The request's cursor, echoed on 408/503.
     pub cursor: Option<MsgId>,
     /// This request's CORS lines (None when it needs none), shared with the output queue on
@@ -135,6 +136,13 @@ pub struct Hold {
     pub lines: Option<Arc<[u8]>>,
     /// Whether the connection stays open after the answer.
     pub keep_alive: bool,
+}
+
+impl Hold {
+    /// The session polling, "" when anonymous.
+    pub fn sid(&self) -> &str {
+        self.sid.as_deref().unwrap_or("")
+    }
 }
 
 /// A piece of pending output.

@@ -61,6 +61,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     comet::log::init(cfg.log_level);
+    fixed_mmap_threshold();
     let mut server = match Server::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -79,6 +80,18 @@ fn main() -> ExitCode {
             comet::error!("event loop failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Large blocks (the hash tables, slabs and queues that grow with the connections held, which
+/// reallocate by doubling) are mapped on their own and given back to the kernel when freed.
+/// glibc's default raises this threshold after the first such block is freed, so every table
+/// outgrown afterwards would stay in the heap as garbage the size of its successor's half.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a parameter of the allocator, which takes its own lock.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 

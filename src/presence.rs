@@ -10,6 +10,7 @@
 //! one duration, so they sit in one FIFO; each carries a stamp and a stale one is skipped.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A presence change, in the order it happened.
@@ -52,7 +53,7 @@ struct OnChannel {
 #[derive(Default)]
 struct Visitor {
     /// The application's user id.
-    user: Option<String>,
+    user: Option<Box<str>>,
     /// Held polls, all channels, with the connection each is on (hold id, slab token). A
     /// vector, not a map: a session holds one or two polls at a time, and a visitor is kept for
     /// every session online, so its size is what a held poll costs in memory.
@@ -66,6 +67,10 @@ struct Visitor {
 }
 
 impl Visitor {
+    fn user_id(&self) -> Option<String> {
+        self.user.as_deref().map(str::to_string)
+    }
+
     fn online(&self) -> bool {
         !self.holds.is_empty() || self.grace != 0
     }
@@ -87,11 +92,19 @@ impl Visitor {
     }
 }
 
+/// Pushes without the doubling growth: a visitor's vectors hold one or two items for almost
+/// every session, and a vector's first push would reserve four, kept for as long as the session
+/// is online.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    v.reserve_exact(1);
+    v.push(item);
+}
+
 /// A grace timer: fires at `at` for `sid` (and `channel`, if a channel's grace) if its stamp
 /// still matches.
 struct Grace {
     at: Instant,
-    sid: Box<str>,
+    sid: Arc<str>,
     channel: Option<Box<str>>,
     stamp: u64,
 }
@@ -99,10 +112,11 @@ struct Grace {
 /// The presence state.
 pub struct Presence {
     grace: Duration,
-    /// Sessions by id.
-    visitors: HashMap<Box<str>, Visitor>,
+    /// Sessions by id. The id is allocated once, here, and shared (with the channels' member
+    /// sets, the grace timers and the held polls): a held poll of a session pays for one copy.
+    visitors: HashMap<Arc<str>, Visitor>,
     /// Channel -> sessions on it.
-    members: HashMap<Box<str>, HashSet<Box<str>>>,
+    members: HashMap<Box<str>, HashSet<Arc<str>>>,
     /// Channel -> anonymous held polls on it.
     anon: HashMap<Box<str>, u32>,
     /// Pending grace timers, in deadline order.
@@ -143,11 +157,20 @@ impl Presence {
 
     /// Applies a change to one visitor and reports the events it caused, keeping the indexes.
     fn change(&mut self, sid: &str, out: &mut Vec<Event>, f: impl FnOnce(&mut Visitor)) {
-        let v = self.visitors.entry(sid.into()).or_default();
+        // Look up before inserting: `entry` would allocate the key on every change.
+        let key = match self.visitors.get_key_value(sid) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = sid.into();
+                self.visitors.insert(k.clone(), Visitor::default());
+                k
+            }
+        };
+        let Some(v) = self.visitors.get_mut(sid) else { return };
         let (was_online, before) = (v.online(), v.on());
         f(v);
         let (is_online, after) = (v.online(), v.on());
-        let user = v.user.clone();
+        let user = v.user_id();
         if v.holds.is_empty() && v.grace == 0 && v.joined.is_empty() {
             self.visitors.remove(sid);
         }
@@ -165,7 +188,7 @@ impl Presence {
             out.push(Event::Leave { sid: sid.into(), channel: ch.to_string() });
         }
         for ch in after.difference(&before) {
-            self.members.entry(ch.clone()).or_default().insert(sid.into());
+            self.members.entry(ch.clone()).or_default().insert(key.clone());
             out.push(Event::Join { sid: sid.into(), channel: ch.to_string() });
         }
         if was_online && !is_online {
@@ -196,13 +219,15 @@ impl Presence {
         }
         self.change(sid, out, |v| {
             if let Some(u) = user {
-                v.user = Some(u.to_string());
+                if v.user.as_deref() != Some(u) {
+                    v.user = Some(u.into());
+                }
             }
-            v.holds.push((hold, token));
+            push_exact(&mut v.holds, (hold, token));
             v.grace = 0;
             if !private(channel) {
                 if v.channel(channel).is_none() {
-                    v.channels.push((channel.into(), OnChannel::default()));
+                    push_exact(&mut v.channels, (channel.into(), OnChannel::default()));
                 }
                 if let Some(c) = v.channel(channel) {
                     c.polls += 1;
@@ -289,10 +314,10 @@ impl Presence {
     /// `online <sid> <user>`, so a backend's list gets the name.
     pub fn set_user(&mut self, sid: &str, user: Option<String>, out: &mut Vec<Event>) {
         let Some(v) = self.visitors.get_mut(sid) else { return };
-        if user.is_none() || v.user == user {
+        if user.is_none() || v.user.as_deref() == user.as_deref() {
             return;
         }
-        v.user = user.clone();
+        v.user = user.as_deref().map(Box::from);
         if v.online() {
             out.push(Event::Online { sid: sid.into(), user });
         }
@@ -302,7 +327,7 @@ impl Presence {
     pub fn join(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
         self.change(sid, out, |v| {
             if !v.joined.iter().any(|c| &**c == channel) {
-                v.joined.push(channel.into());
+                push_exact(&mut v.joined, channel.into());
             }
         });
     }
@@ -334,7 +359,7 @@ impl Presence {
     pub fn snapshot(&self) -> Vec<Event> {
         let mut out = Vec::new();
         for (sid, v) in self.visitors.iter().filter(|(_, v)| v.online()) {
-            out.push(Event::Online { sid: sid.to_string(), user: v.user.clone() });
+            out.push(Event::Online { sid: sid.to_string(), user: v.user_id() });
             out.extend(v.on().into_iter().map(|c| Event::Join { sid: sid.to_string(), channel: c.to_string() }));
         }
         out
@@ -342,7 +367,7 @@ impl Presence {
 
     /// Online sessions with their user ids, sorted by session id.
     pub fn online(&self) -> Vec<(String, Option<String>)> {
-        let mut v: Vec<_> = self.visitors.iter().filter(|(_, v)| v.online()).map(|(s, v)| (s.to_string(), v.user.clone())).collect();
+        let mut v: Vec<_> = self.visitors.iter().filter(|(_, v)| v.online()).map(|(s, v)| (s.to_string(), v.user_id())).collect();
         v.sort();
         v
     }
@@ -351,7 +376,7 @@ impl Presence {
     /// grow with the number online.
     pub fn online_sample(&self, limit: usize) -> Vec<(String, Option<String>)> {
         let mut v: Vec<_> =
-            self.visitors.iter().filter(|(_, v)| v.online()).take(limit).map(|(s, v)| (s.to_string(), v.user.clone())).collect();
+            self.visitors.iter().filter(|(_, v)| v.online()).take(limit).map(|(s, v)| (s.to_string(), v.user_id())).collect();
         v.sort();
         v
     }
@@ -368,6 +393,15 @@ impl Presence {
         self.online
     }
 
+    /// The id a held poll keeps: None for "" (anonymous), presence's own copy when the session
+    /// is tracked (shared, so the poll costs no second copy), a new one otherwise.
+    pub fn shared_sid(&self, sid: &str) -> Option<Arc<str>> {
+        if sid.is_empty() {
+            return None;
+        }
+        Some(self.visitors.get_key_value(sid).map_or_else(|| sid.into(), |(k, _)| k.clone()))
+    }
+
     /// Whether a session is online.
     pub fn is_online(&self, sid: &str) -> bool {
         self.visitors.get(sid).is_some_and(Visitor::online)
@@ -380,7 +414,7 @@ impl Presence {
             .get(channel)
             .into_iter()
             .flatten()
-            .map(|s| (s.to_string(), self.visitors.get(s).and_then(|v| v.user.clone())))
+            .map(|s| (s.to_string(), self.visitors.get(s).and_then(Visitor::user_id)))
             .collect();
         v.sort();
         v

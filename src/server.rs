@@ -528,7 +528,7 @@ impl Server {
                 match &c.phase {
                     Phase::Held(h) => {
                         self.hub.cancel(&h.channel, h.id);
-                        self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+                        self.presence.poll_ended(h.sid(), &h.channel, h.id, self.now);
                     }
                     Phase::Stream(s) => self.stream_closed(s),
                     _ => {}
@@ -989,9 +989,10 @@ impl Server {
                     let inbuf = std::mem::take(&mut c.inbuf);
                     self.free_inbuf(inbuf);
                 }
-                let Some(c) = self.conns.get_mut(t) else { return };
                 let PendingPoll { sid, echo, lines, keep_alive, .. } = p;
-                c.phase = Phase::Held(Hold { id, channel: name, sid: sid.into(), cursor: echo, lines, keep_alive });
+                let sid = self.presence.shared_sid(&sid);
+                let Some(c) = self.conns.get_mut(t) else { return };
+                c.phase = Phase::Held(Hold { id, channel: name, sid, cursor: echo, lines, keep_alive });
                 self.timers.hold.push_back(Timer { at: self.now + self.cfg.browser.poll_timeout, token: t, stamp: id });
             }
         }
@@ -1147,7 +1148,7 @@ impl Server {
     /// Takes the held poll of connection `t` if it is still hold `id`.
     fn take_hold(&mut self, t: usize, id: u64) -> Option<Hold> {
         let h = self.detach_hold(t, id)?;
-        self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+        self.presence.poll_ended(h.sid(), &h.channel, h.id, self.now);
         Some(h)
     }
 
@@ -1239,7 +1240,7 @@ impl Server {
         self.hub.rewait(channel, streams.drain(..));
         self.streams_fed = streams;
         for h in ended.drain(..) {
-            self.presence.poll_ended(&h.sid, &h.channel, h.id, self.now);
+            self.presence.poll_ended(h.sid(), &h.channel, h.id, self.now);
         }
         self.ended_holds = ended;
         debug!("published {} to {channel}: {} bytes, {n} held polls", msg.id, msg.body_len());

@@ -130,8 +130,10 @@ impl Server {
         }
         let PendingPoll { sid, echo, lines, .. } = p;
         let cursor = last.or(echo);
+        let sid = self.presence.shared_sid(&sid);
+        let Some(c) = self.conns.get_mut(t) else { return };
         c.phase = Phase::Stream(Box::new(Stream {
-            hold: Hold { id, channel: name, sid: sid.into(), cursor, lines, keep_alive: false },
+            hold: Hold { id, channel: name, sid, cursor, lines, keep_alive: false },
             wire,
             ws: accept.map(|_| ws::Reader::default()),
             pong_due: false,
@@ -201,7 +203,7 @@ impl Server {
     pub(crate) fn stream_closed(&mut self, s: &Stream) {
         self.open_streams[slot(s.wire)] -= 1;
         self.hub.cancel(&s.hold.channel, s.hold.id);
-        self.presence.poll_ended(&s.hold.sid, &s.hold.channel, s.hold.id, self.now);
+        self.presence.poll_ended(s.hold.sid(), &s.hold.channel, s.hold.id, self.now);
     }
 
     /// Reads a stream's input: an event stream's is dropped; a WebSocket's frames are answered
