@@ -61,9 +61,9 @@ struct Visitor {
     /// Stamp of the pending grace timer after the last poll ended; 0 when none.
     grace: u64,
     /// Shared channels it polls (or polled within grace): a few, so a vector as `holds`.
-    channels: Vec<(Box<str>, OnChannel)>,
+    channels: Vec<(Arc<str>, OnChannel)>,
     /// Channels the backend joined it to (`JOIN`).
-    joined: Vec<Box<str>>,
+    joined: Vec<Arc<str>>,
 }
 
 impl Visitor {
@@ -76,7 +76,7 @@ impl Visitor {
     }
 
     /// The channels it is on now.
-    fn on(&self) -> BTreeSet<Box<str>> {
+    fn on(&self) -> BTreeSet<Arc<str>> {
         if !self.online() {
             return BTreeSet::new();
         }
@@ -105,7 +105,7 @@ fn push_exact<T>(v: &mut Vec<T>, item: T) {
 struct Grace {
     at: Instant,
     sid: Arc<str>,
-    channel: Option<Box<str>>,
+    channel: Option<Arc<str>>,
     stamp: u64,
 }
 
@@ -114,9 +114,10 @@ pub struct Presence {
     grace: Duration,
     /// Sessions by id. The id is allocated once, here, and shared (with the channels' member
     /// sets, the grace timers and the held polls): a held poll of a session pays for one copy.
-    visitors: HashMap<Arc<str>, Visitor>,
-    /// Channel -> sessions on it.
-    members: HashMap<Box<str>, HashSet<Arc<str>>>,
+    /// Boxed: the table keeps about twice as many slots as entries, and a slot is two words.
+    visitors: HashMap<Arc<str>, Box<Visitor>>,
+    /// Channel -> sessions on it. The channel's name is shared with its visitors' lists.
+    members: HashMap<Arc<str>, HashSet<Arc<str>>>,
     /// Channel -> anonymous held polls on it.
     anon: HashMap<Box<str>, u32>,
     /// Pending grace timers, in deadline order.
@@ -150,6 +151,11 @@ impl Presence {
         }
     }
 
+    /// The members index's own name of a channel, to share, when the channel has members.
+    fn shared_channel(&self, channel: &str) -> Option<Arc<str>> {
+        self.members.get_key_value(channel).map(|(k, _)| k.clone())
+    }
+
     fn stamp(&mut self) -> u64 {
         self.last_stamp += 1;
         self.last_stamp
@@ -162,11 +168,11 @@ impl Presence {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = sid.into();
-                self.visitors.insert(k.clone(), Visitor::default());
+                self.visitors.insert(k.clone(), Box::default());
                 k
             }
         };
-        let Some(v) = self.visitors.get_mut(sid) else { return };
+        let Some(v) = self.visitors.get_mut(sid).map(|v| &mut **v) else { return };
         let (was_online, before) = (v.online(), v.on());
         f(v);
         let (is_online, after) = (v.online(), v.on());
@@ -217,6 +223,7 @@ impl Presence {
             }
             return;
         }
+        let name = self.shared_channel(channel);
         self.change(sid, out, |v| {
             if let Some(u) = user {
                 if v.user.as_deref() != Some(u) {
@@ -227,7 +234,7 @@ impl Presence {
             v.grace = 0;
             if !private(channel) {
                 if v.channel(channel).is_none() {
-                    push_exact(&mut v.channels, (channel.into(), OnChannel::default()));
+                    push_exact(&mut v.channels, (name.unwrap_or_else(|| channel.into()), OnChannel::default()));
                 }
                 if let Some(c) = v.channel(channel) {
                     c.polls += 1;
@@ -265,19 +272,20 @@ impl Presence {
         }
         let (s1, s2) = (self.stamp(), self.stamp());
         let at = now + self.grace;
+        let Some(key) = self.visitors.get_key_value(sid).map(|(k, _)| k.clone()) else { return };
         let Some(v) = self.visitors.get_mut(sid) else { return };
         let Some(i) = v.holds.iter().position(|&(h, _)| h == hold) else { return };
         v.holds.swap_remove(i);
-        if let Some(c) = v.channel(channel) {
+        if let Some((name, c)) = v.channels.iter_mut().find(|(c, _)| &**c == channel) {
             c.polls -= 1;
             if c.polls == 0 {
                 c.grace = s1;
-                self.timers.push_back(Grace { at, sid: sid.into(), channel: Some(channel.into()), stamp: s1 });
+                self.timers.push_back(Grace { at, sid: key.clone(), channel: Some(name.clone()), stamp: s1 });
             }
         }
         if v.holds.is_empty() {
             v.grace = s2;
-            self.timers.push_back(Grace { at, sid: sid.into(), channel: None, stamp: s2 });
+            self.timers.push_back(Grace { at, sid: key, channel: None, stamp: s2 });
         }
     }
 
@@ -325,9 +333,10 @@ impl Presence {
 
     /// The backend joined the session to a channel.
     pub fn join(&mut self, sid: &str, channel: &str, out: &mut Vec<Event>) {
+        let name = self.shared_channel(channel);
         self.change(sid, out, |v| {
             if !v.joined.iter().any(|c| &**c == channel) {
-                push_exact(&mut v.joined, channel.into());
+                push_exact(&mut v.joined, name.unwrap_or_else(|| channel.into()));
             }
         });
     }
@@ -383,7 +392,7 @@ impl Presence {
 
     /// At most `limit` channels with browsers and their counts, sorted by name.
     pub fn channels_sample(&self, limit: usize) -> Vec<(String, usize)> {
-        let mut v: Vec<_> = self.members.keys().chain(self.anon.keys().filter(|k| !self.members.contains_key(*k))).take(limit).map(|c| (c.to_string(), self.numsub(c))).collect();
+        let mut v: Vec<_> = self.members.keys().map(|c| &**c).chain(self.anon.keys().map(|c| &**c).filter(|k| !self.members.contains_key(*k))).take(limit).map(|c| (c.to_string(), self.numsub(c))).collect();
         v.sort();
         v
     }
@@ -404,7 +413,7 @@ impl Presence {
 
     /// Whether a session is online.
     pub fn is_online(&self, sid: &str) -> bool {
-        self.visitors.get(sid).is_some_and(Visitor::online)
+        self.visitors.get(sid).is_some_and(|v| v.online())
     }
 
     /// Sessions on a channel with their user ids, sorted.
@@ -414,7 +423,7 @@ impl Presence {
             .get(channel)
             .into_iter()
             .flatten()
-            .map(|s| (s.to_string(), self.visitors.get(s).and_then(Visitor::user_id)))
+            .map(|s| (s.to_string(), self.visitors.get(s).and_then(|v| v.user_id())))
             .collect();
         v.sort();
         v
@@ -437,7 +446,7 @@ impl Presence {
 
     /// Channels with at least one browser, sorted.
     pub fn channels(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.members.keys().chain(self.anon.keys()).map(|c| c.to_string()).collect();
+        let mut v: Vec<String> = self.members.keys().map(|c| c.to_string()).chain(self.anon.keys().map(|c| c.to_string())).collect();
         v.sort();
         v.dedup();
         v
