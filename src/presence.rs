@@ -464,6 +464,32 @@ mod tests {
     }
 
     #[test]
+    fn one_copy_of_a_session_id_and_of_a_channel_name() {
+        let mut p = Presence::new(G);
+        let mut ev = Vec::new();
+        p.poll_started("s1", None, "goods", 1, 10, &mut ev);
+        p.poll_started("s2", None, "goods", 2, 11, &mut ev);
+        p.poll_started("s1", None, "news", 3, 10, &mut ev);
+        assert_eq!(p.shared_sid(""), None);
+        let (a, b) = (p.shared_sid("s1").unwrap(), p.shared_sid("s1").unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "a held poll shares presence's copy of the id");
+        let key = p.visitors.get_key_value("s1").unwrap().0;
+        assert!(Arc::ptr_eq(key, &a));
+        assert!(p.members["goods"].iter().any(|m| Arc::ptr_eq(m, key)), "the members index shares it too");
+        // The second visitor on a channel keeps the members index's name of it.
+        let goods = p.members.get_key_value("goods").unwrap().0;
+        let of = |sid: &str| p.visitors[sid].channels.iter().find(|(c, _)| &**c == "goods").unwrap().0.clone();
+        assert!(Arc::ptr_eq(&of("s2"), goods));
+        // A session presence does not track still gets an id to end its poll under.
+        assert_eq!(p.shared_sid("s9").as_deref(), Some("s9"));
+        // Ended with the shared id, the polls count down as before.
+        p.poll_ended(&a, "goods", 1, Instant::now());
+        p.poll_ended(&a, "news", 3, Instant::now());
+        assert!(p.visitors["s1"].holds.is_empty());
+        assert_eq!(p.numsub("goods"), 2, "both still on goods within grace");
+    }
+
+    #[test]
     fn re_polls_within_grace_do_not_flap() {
         let t0 = Instant::now();
         let mut p = Presence::new(G);
