@@ -332,7 +332,7 @@ pub(crate) enum Waiting {
     Query(Asker, crate::cluster_presence::Query),
 }
 
-/// Capacity a link's buffers keep once drained. A burst (a node's whole presence share on
+/// Capacity a link's buffers keep once emptied. A burst (a node's whole presence share on
 /// connect, thousands of events at once) grows them far beyond this; kept, that would cost
 /// every later second the memory of the largest burst.
 const LINK_KEEP: usize = 64 << 10;
@@ -360,7 +360,9 @@ impl Link {
             None => {
                 self.inbuf.drain(..self.parsed);
                 self.parsed = 0;
-                self.inbuf.shrink_to(LINK_KEEP.max(self.inbuf.len()));
+                if self.inbuf.is_empty() {
+                    self.inbuf.shrink_to(LINK_KEEP);
+                }
                 Ok(None)
             }
         }
@@ -383,7 +385,9 @@ impl Link {
             }
         }
         self.out.drain(..done);
-        self.out.shrink_to(LINK_KEEP.max(self.out.len()));
+        if self.out.is_empty() {
+            self.out.shrink_to(LINK_KEEP);
+        }
         Ok(())
     }
 

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 /// Large blocks (the hash tables, slabs and queues that grow with the connections held, which
 /// reallocate by doubling) are mapped on their own and given back to the kernel when freed.
 /// glibc's default raises this threshold after the first such block is freed, so every table
-/// outgrown afterwards would stay in the heap as garbage the size of its successor's half.
+/// outgrown afterwards would stay in the heap, unused, for the rest of the run.
 fn fixed_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a parameter of the allocator, which takes its own lock.
