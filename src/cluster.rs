@@ -837,8 +837,8 @@ impl Server {
         let mut gone = Vec::new();
         for _ in 0..c.idle_queue.len().min(IDLE_CHECKS) {
             let Some(name) = c.idle_queue.pop_front() else { break };
+            // A name no longer followed leaves the queue here, as does one let go below.
             let Some(f) = c.follows.get_mut(&name) else { continue };
-            c.idle_queue.push_back(name.clone());
             let conns = &self.conns;
             f.parked.retain(|&(t, stamp)| conns.get(t).is_some_and(|c| c.stamp == stamp && !c.dead && matches!(c.phase, Phase::Syncing(_))));
             let used = std::mem::take(&mut f.asked) || !f.parked.is_empty() || self.hub.has_waiters(&name) || self.backend_subs.contains_key(&*name);
@@ -846,11 +846,9 @@ impl Server {
                 f.idle_since = None;
             } else if now.duration_since(*f.idle_since.get_or_insert(now)) >= LINGER {
                 gone.push(name);
+                continue;
             }
-        }
-        if !gone.is_empty() {
-            let set: HashSet<&str> = gone.iter().map(|n| &**n).collect();
-            c.idle_queue.retain(|n| !set.contains(&**n));
+            c.idle_queue.push_back(name);
         }
         for name in &gone {
             c.follows.remove(name);
