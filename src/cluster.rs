@@ -59,7 +59,7 @@ const IDLE_CHECKS: usize = 2048;
 /// Channels per SUBSCRIBE / UNSUBSCRIBE command when many go at once (a reconnect).
 const SUBSCRIBE_BATCH: usize = 512;
 /// Bytes of an entry's header (id, origin, content type) allowed beyond the message cap.
-const ENTRY_HEADER_MAX: usize = 1024;
+pub(crate) const ENTRY_HEADER_MAX: usize = 1024;
 /// Bytes read from a link before what came is handled.
 const READ_ROUND: usize = 1 << 20;
 /// At most one line this often about malformed input from Redis.
@@ -149,7 +149,7 @@ redis.call('PUBLISH', KEYS[3], ARGV[1])
 return n
 "#;
 
-pub(crate) const SCRIPTS: [&str; 9] = [
+pub(crate) const SCRIPTS: [&str; 10] = [
     PUBLISH_LUA,
     FETCH_LUA,
     SESSION_LUA,
@@ -159,6 +159,7 @@ pub(crate) const SCRIPTS: [&str; 9] = [
     crate::cluster_presence::RESYNC_LUA,
     crate::cluster_presence::TICK_LUA,
     crate::cluster_presence::QUERY_LUA,
+    crate::mercure_cluster::MERCURE_LUA,
 ];
 const PUBLISH: usize = 0;
 const FETCH: usize = 1;
@@ -169,6 +170,7 @@ pub(crate) const SHARE: usize = 5;
 pub(crate) const RESYNC: usize = 6;
 pub(crate) const TICK: usize = 7;
 pub(crate) const QUERY: usize = 8;
+pub(crate) const MERCURE: usize = 9;
 
 /// The SHA1 of a script, as `SCRIPT LOAD` answers it and `EVALSHA` names it.
 pub fn script_sha(script: &str) -> String {
@@ -330,6 +332,12 @@ pub(crate) enum Waiting {
     Tick,
     /// `ONLINE`, `PRESENCE`, `PUBSUB` asked of the whole cluster.
     Query(Asker, crate::cluster_presence::Query),
+    /// A Mercure update: its publisher (with its answer's CORS lines and the update's id), if one waits.
+    Mercure(Option<(Asker, String, String)>),
+    /// The Mercure history, read on connect.
+    MercureHistory,
+    /// The active Mercure subscriptions, read on connect.
+    MercureSubs,
 }
 
 /// Capacity a link's buffers keep once emptied. A burst (a node's whole presence share on
@@ -458,7 +466,7 @@ pub struct Cluster {
     follows: HashMap<Arc<str>, Follow>,
     /// Every followed channel, in the order the idle check visits them.
     idle_queue: VecDeque<Arc<str>>,
-    pub(crate) shas: [String; 9],
+    pub(crate) shas: [String; 10],
     pub(crate) ctl: String,
     sessions_key: String,
     joins_key: String,
@@ -615,6 +623,18 @@ impl Cluster {
         }
     }
 
+    /// Queues SUBSCRIBE of pub/sub channels named in full (not message channels).
+    pub(crate) fn subscribe_raw(&mut self, names: &[&str]) {
+        let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+        args.extend(names.iter().map(|n| n.as_bytes()));
+        command(&mut self.sub.out, &args);
+    }
+
+    /// Raises the cap on a reply in the making (the Mercure history comes as one reply).
+    pub(crate) fn allow_reply(&mut self, bytes: usize) {
+        self.inbuf_cap = self.inbuf_cap.max(bytes);
+    }
+
     fn keys(&self, channel: &str) -> (String, String) {
         (format!("{}:b:{channel}", self.cfg.prefix), format!("{}:i:{channel}", self.cfg.prefix))
     }
@@ -761,6 +781,7 @@ impl Server {
             c.subscribe(b"SUBSCRIBE", &names);
             crate::info!("cluster: node {} linked to Redis at {} ({} channels followed)", c.cfg.node, c.cfg.redis, names.len());
         }
+        self.mercure_cluster_setup();
         self.cluster_flush();
     }
 
@@ -798,6 +819,10 @@ impl Server {
                     self.cluster_fail(a, LOST)
                 }
                 Waiting::Ready(a, bytes) => self.cluster_answer(a, Deferred::Resp(bytes)),
+                Waiting::Mercure(Some((a, cors, _))) => {
+                    self.mercure_answer(a, &cors, 503, "the link to Redis was lost before it answered; the update may or may not have been published\n".into())
+                }
+                Waiting::Mercure(None) | Waiting::MercureHistory | Waiting::MercureSubs => {}
                 Waiting::Setup | Waiting::Sessions | Waiting::Joins | Waiting::Fetch(_) | Waiting::Epoch | Waiting::Share | Waiting::Tick => {}
             }
         }
@@ -967,6 +992,15 @@ impl Server {
 
     /// `PUBLISH` / `POST /pub` in a cluster: one script call; the reply comes with Redis's.
     pub(crate) fn cluster_publish(&mut self, a: Asker, channel: &str, content_type: &str, body: &[u8]) {
+        let down = !self.cluster.as_ref().is_some_and(|c| c.up);
+        self.cluster_publish_channel(a, channel, content_type, body);
+        if !down {
+            self.mercure_relay(channel, body);
+        }
+    }
+
+    /// `cluster_publish` for comet's own subscribers alone (an update the Mercure hub already has).
+    pub(crate) fn cluster_publish_channel(&mut self, a: Asker, channel: &str, content_type: &str, body: &[u8]) {
         if self.cluster_refuse_if_down(a) {
             return;
         }
@@ -1180,6 +1214,7 @@ impl Server {
                 self.cluster_answer(a, Deferred::Resp(o));
             }
             Waiting::Fetch(name) => self.cluster_fetched(&name, v),
+            w @ (Waiting::Mercure(_) | Waiting::MercureHistory | Waiting::MercureSubs) => self.mercure_cluster_reply(w, v),
             Waiting::Ready(a, bytes) => self.cluster_answer(a, Deferred::Resp(bytes)),
             Waiting::Publish(a) => {
                 if let Some(e) = err(&v) {
@@ -1399,6 +1434,12 @@ impl Server {
             };
             let (Some(kind), Some(chan)) = (items[0].bytes(), items[1].bytes()) else { continue };
             let Ok(chan) = std::str::from_utf8(chan) else { continue };
+            if self.mercure.as_ref().is_some_and(|m| m.redis_channel.as_deref() == Some(chan)) {
+                if let (b"message", Some(b)) = (kind, &payload) {
+                    self.mercure_cluster_message(b);
+                }
+                continue;
+            }
             let cap = self.cfg.channels.buffer_length + 1;
             let c = self.cluster();
             if c.presence.is_events_channel(chan, &c.cfg.prefix) {
@@ -1413,6 +1454,7 @@ impl Server {
                 }
                 continue;
             }
+
             let Some(name) = chan.strip_prefix(c.msg_prefix.as_str()) else {
                 let now = self.now;
                 self.cluster().malformed("a message on a channel comet did not subscribe to", now);

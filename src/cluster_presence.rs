@@ -451,6 +451,7 @@ impl Server {
         for n in &reaped {
             crate::warn!("cluster: node {n} not heard from for {} s: its sessions are no longer counted", (NODE_TIMEOUT + self.cfg.presence.grace).as_secs());
             self.forget_instance_rows(n);
+            self.mercure_node_gone(n);
         }
         let c = self.cluster();
         c.presence.online = online;

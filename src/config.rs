@@ -37,6 +37,31 @@ pub struct Config {
     pub store: Option<(PathBuf, crate::store::Fsync)>,
     /// Several nodes as one service through Redis; None = a single node, no Redis at all.
     pub cluster: Option<Cluster>,
+    /// The Mercure hub at `/.well-known/mercure`; None = not served.
+    pub mercure: Option<MercureCfg>,
+}
+
+/// The Mercure hub (`[mercure]`).
+#[derive(Debug, Clone)]
+pub struct MercureCfg {
+    /// The key publishers' JWTs are verified with, and its algorithm.
+    pub publisher_key: crate::mercure::JwtKey,
+    /// The key subscribers' JWTs are verified with, and its algorithm.
+    pub subscriber_key: crate::mercure::JwtKey,
+    /// Subscribers without a JWT get public updates (else 401).
+    pub anonymous: bool,
+    /// Origins allowed by CORS (with credentials); `*` echoes any.
+    pub cors_origins: Vec<String>,
+    /// Origins a cookie-authorized publish may come from.
+    pub publish_origins: Vec<String>,
+    /// Subscription events and the subscriptions API.
+    pub subscriptions: bool,
+    /// Updates kept for resume (`Last-Event-ID`), all topics together.
+    pub history: usize,
+    /// Interval of the `:` comment that keeps an idle stream open.
+    pub heartbeat: Duration,
+    /// The cookie a browser's JWT may come in.
+    pub cookie_name: String,
 }
 
 /// The cluster: where Redis is and who this node is in it.
@@ -214,6 +239,41 @@ struct Raw {
     presence: RawPresence,
     store: RawStore,
     cluster: RawCluster,
+    mercure: Option<RawMercure>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMercure {
+    publisher_jwt_key: String,
+    publisher_jwt_alg: String,
+    subscriber_jwt_key: String,
+    subscriber_jwt_alg: String,
+    anonymous: bool,
+    cors_origins: Vec<String>,
+    publish_origins: Vec<String>,
+    subscriptions: bool,
+    history: u64,
+    heartbeat_secs: u64,
+    cookie_name: String,
+}
+
+impl Default for RawMercure {
+    fn default() -> Self {
+        RawMercure {
+            publisher_jwt_key: String::new(),
+            publisher_jwt_alg: "HS256".into(),
+            subscriber_jwt_key: String::new(),
+            subscriber_jwt_alg: "HS256".into(),
+            anonymous: false,
+            cors_origins: Vec::new(),
+            publish_origins: Vec::new(),
+            subscriptions: false,
+            history: 1000,
+            heartbeat_secs: 40,
+            cookie_name: "mercureAuthorization".into(),
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -550,7 +610,9 @@ impl Config {
                 presence.instance = c.node.clone();
             }
         }
+        let mercure = raw.mercure.map(Config::validate_mercure).transpose()?;
         Ok(Config {
+            mercure,
             store,
             cluster,
             presence,
@@ -568,6 +630,42 @@ impl Config {
 }
 
 impl Config {
+    fn validate_mercure(m: RawMercure) -> Result<MercureCfg, ConfigError> {
+        let key = |name: &str, key: &str, alg_name: &str, alg: &str| -> Result<crate::mercure::JwtKey, ConfigError> {
+            if key.is_empty() {
+                return err(name, "must be set: the key JWTs are verified with");
+            }
+            let Ok(a) = alg.parse::<crate::mercure::Alg>() else {
+                return err(alg_name, format!("{alg:?} is not one of HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384"));
+            };
+            crate::mercure::JwtKey::new(a, key).or_else(|e| err(name, e))
+        };
+        let publisher_key = key("mercure.publisher_jwt_key", &m.publisher_jwt_key, "mercure.publisher_jwt_alg", &m.publisher_jwt_alg)?;
+        let subscriber_key = key("mercure.subscriber_jwt_key", &m.subscriber_jwt_key, "mercure.subscriber_jwt_alg", &m.subscriber_jwt_alg)?;
+        for (name, list) in [("mercure.cors_origins", &m.cors_origins), ("mercure.publish_origins", &m.publish_origins)] {
+            for o in list {
+                if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                    return err(name, format!("{o:?} is not an origin (\"https://site.com\", no path, or \"*\")"));
+                }
+            }
+        }
+        let cookie = m.cookie_name.trim().to_string();
+        if cookie.is_empty() || !cookie.bytes().all(|c| c.is_ascii_graphic() && !b"=;,\"".contains(&c)) {
+            return err("mercure.cookie_name", format!("{:?} is not a cookie name", m.cookie_name));
+        }
+        Ok(MercureCfg {
+            publisher_key,
+            subscriber_key,
+            anonymous: m.anonymous,
+            cors_origins: m.cors_origins,
+            publish_origins: m.publish_origins,
+            subscriptions: m.subscriptions,
+            history: range("mercure.history", m.history, 1, 1_000_000)? as usize,
+            heartbeat: Duration::from_secs(range("mercure.heartbeat_secs", m.heartbeat_secs, 1, 3600)?),
+            cookie_name: cookie,
+        })
+    }
+
     fn validate_cluster(c: RawCluster, browser_port: u16) -> Result<Option<Cluster>, ConfigError> {
         if c.redis.is_empty() {
             return Ok(None);

@@ -55,6 +55,9 @@ pub enum Phase {
     /// each message, until the channel is deleted, the session closed or kicked, the peer goes,
     /// or shutdown.
     Stream(Box<Stream>),
+    /// A Mercure subscriber's event stream (`mercure_http.rs`): fed by the Mercure hub, not a
+    /// waiter on a channel; it stays until the peer goes, its JWT expires, or shutdown.
+    Mercure(Box<crate::mercure_http::Subscription>),
 }
 
 /// How a subscriber receives messages.

@@ -35,6 +35,8 @@ pub struct Request<'a> {
     pub path: Cow<'a, str>,
     /// The raw query string (after `?`), still encoded.
     pub query: &'a str,
+    /// The path as sent, still encoded (where an escaped `/` must stay apart from a real one).
+    pub raw_path: &'a str,
     /// HTTP/1.0 (keep-alive must be asked for) rather than 1.1.
     pub http10: bool,
     /// Whether the connection stays open after the response.
@@ -143,6 +145,7 @@ pub fn parse_head(buf: &[u8], max_head: usize, max_body: usize) -> Result<Option
         method: Some(method),
         path,
         query,
+        raw_path,
         http10,
         keep_alive: !http10,
         ..Request::default()

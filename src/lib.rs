@@ -19,6 +19,10 @@
 //! control.rs   a backend command: AUTH, PUBLISH, SESSION.OPEN/CLOSE, INFO
 //! cluster.rs   several nodes as one through Redis: the loop's own link, publish script, follows
 //! cluster_presence.rs  who is online across the nodes: each node's share, counted in Redis
+//! mercure_http.rs  the Mercure hub at /.well-known/mercure: publish, subscribe, resume, API
+//! mercure.rs   Mercure forms, topic selectors, JWTs, event framing (pure)
+//! mercure_hub.rs  Mercure's hub-wide history, subscribers, subscriptions (pure)
+//! mercure_cluster.rs  Mercure's updates through Redis: one order for the whole cluster
 //! guard.rs     failed-token counting per address: penalties, rate-limited log lines
 //! admin.rs     the push module's publisher endpoint, /status, /metrics, the admin page
 //! metrics.rs   Prometheus text, status JSON, the admin page's live snapshot
@@ -49,6 +53,10 @@ pub mod hub;
 pub mod listen;
 pub mod guard;
 pub mod log;
+pub mod mercure;
+pub mod mercure_cluster;
+pub mod mercure_http;
+pub mod mercure_hub;
 pub mod message;
 pub mod metrics;
 pub mod notify;

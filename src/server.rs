@@ -224,6 +224,8 @@ pub struct Server {
     pub conns: Slab<Conn>,
     /// The link to the cluster's Redis and the channels followed there; None on a single node.
     pub(crate) cluster: Option<Box<crate::cluster::Cluster>>,
+    /// The Mercure hub; None when `[mercure]` is not set.
+    pub(crate) mercure: Option<Box<crate::mercure_http::Mercure>>,
     /// Counters.
     pub counters: Counters,
     /// Open connections by kind (browser, control, admin), kept as they open and close so
@@ -311,7 +313,11 @@ impl Server {
             // In a cluster ids come from Redis's clock and never repeat across restarts.
             hub.set_start_second(crate::time::unix_now());
         }
-        let cluster = cfg.cluster.clone().map(|c| Box::new(crate::cluster::Cluster::new(c, cfg.channels.buffer_length, cfg.limits.max_message_bytes)));
+        let mut cluster = cfg.cluster.clone().map(|c| Box::new(crate::cluster::Cluster::new(c, cfg.channels.buffer_length, cfg.limits.max_message_bytes)));
+        if let (Some(c), Some(m)) = (cluster.as_mut(), &cfg.mercure) {
+            // The Mercure history is read back as one reply of up to `history` entries.
+            c.allow_reply(m.history.saturating_mul(cfg.limits.max_message_bytes + crate::cluster::ENTRY_HEADER_MAX + 64).saturating_add(64 << 20));
+        }
         let mut presence = crate::presence::Presence::new(cfg.presence.grace);
         if cluster.is_some() {
             presence.anon_changed = Some(Default::default());
@@ -362,7 +368,7 @@ impl Server {
             })
             .map_err(|e| StartError(format!("cannot start the worker threads: {e}")))?
         };
-        Ok(Server {
+        let mut server = Server {
             hub,
             store_batch: Vec::new(),
             store_in_flight: false,
@@ -392,6 +398,7 @@ impl Server {
             auth_cfg,
             conns: Slab::with_capacity(1024),
             cluster,
+            mercure: cfg.mercure.clone().map(|m| Box::new(crate::mercure_http::Mercure::new(m))),
             counters: Counters::default(),
             open_by_kind: [0; 3],
             open_streams: [0; 2],
@@ -418,7 +425,9 @@ impl Server {
             admin_tick: Instant::now(),
             admin_last_published: 0,
             cfg,
-        })
+        };
+        server.mercure_cluster_init();
+        Ok(server)
     }
 
     /// A handle to wake or stop the loop from another thread.
@@ -531,6 +540,7 @@ impl Server {
                         self.presence.poll_ended(h.sid(), &h.channel, h.id, self.now);
                     }
                     Phase::Stream(s) => self.stream_closed(s),
+                    Phase::Mercure(s) => self.mercure_closed(s),
                     _ => {}
                 }
                 for ch in c.backend.iter().flat_map(|b| &b.subs) {
@@ -566,6 +576,9 @@ impl Server {
         }
         if let Some(c) = &self.cluster {
             next = next.min(c.next_deadline());
+        }
+        if let Some(at) = self.mercure.as_ref().and_then(|m| m.next_deadline()) {
+            next = next.min(at);
         }
         if let Some(at) = self.accept_paused_until {
             next = next.min(at);
@@ -748,7 +761,7 @@ impl Server {
             self.process(t);
         }
         let Some(c) = self.conns.get_mut(t) else { return };
-        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Syncing(_)) && !c.store_wait && c.redis_wait == 0 {
+        if c.inbuf.len() >= cap && !c.dead && !c.close_after_write && c.out.len() <= out_pause && !matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Mercure(_) | Phase::Syncing(_)) && !c.store_wait && c.redis_wait == 0 {
             // Full, nothing parseable, and nothing waiting on output: a request larger than any
             // the caps allow (say, a RESP command whose arguments add up past them). Refuse it
             // rather than wait forever for bytes that cannot fit.
@@ -773,7 +786,7 @@ impl Server {
         if c.eof && !c.dead {
             // The peer is gone or half-closed: a held poll has no one to answer; anything else
             // gets its pending answers flushed, then the connection closes.
-            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Syncing(_)) || c.out.is_empty() {
+            if matches!(c.phase, Phase::Held(_) | Phase::Authorizing(_) | Phase::Stream(_) | Phase::Mercure(_) | Phase::Syncing(_)) || c.out.is_empty() {
                 self.kill(t);
             } else {
                 c.close_after_write = true;
@@ -790,6 +803,7 @@ impl Server {
         match c.kind {
             Kind::Control => self.control_input(t),
             Kind::Browser if matches!(c.phase, Phase::Stream(_)) => self.stream_input(t),
+            Kind::Browser if matches!(c.phase, Phase::Mercure(_)) => self.mercure_input(t),
             Kind::Browser | Kind::Admin => self.http_input(t),
         }
     }
@@ -802,7 +816,7 @@ impl Server {
                 return;
             }
             let waiting = match c.phase {
-                Phase::Held(_) | Phase::Authorizing(_) | Phase::Syncing(_) => return,
+                Phase::Held(_) | Phase::Authorizing(_) | Phase::Syncing(_) | Phase::Mercure(_) => return,
                 Phase::Stream(_) => {
                     // Bytes that came with the request that opened the stream (a WebSocket's first
                     // frames) are the stream's to read.
@@ -875,6 +889,7 @@ impl Server {
         self.set_stamp(t, stamp);
         match self.conns[t].kind {
             Kind::Admin => self.admin_request(t, req, body),
+            _ if self.mercure.is_some() && crate::mercure_http::serves(&req.path) => self.mercure_request(t, req, body),
             _ => self.browser_request(t, req),
         }
     }
@@ -1182,6 +1197,13 @@ impl Server {
     /// channels of sessions joined to the channel, and sends it to backends subscribed to it.
     /// Returns how many held polls and backends got it at once.
     pub fn publish(&mut self, channel: &str, content_type: &str, body: &[u8]) -> usize {
+        let n = self.publish_channel(channel, content_type, body);
+        self.mercure_relay(channel, body);
+        n
+    }
+
+    /// `publish` for comet's own subscribers alone (an update the Mercure hub already has).
+    pub(crate) fn publish_channel(&mut self, channel: &str, content_type: &str, body: &[u8]) -> usize {
         let mut n = self.publish_one(channel, channel, content_type, body);
         for sid in self.hub.joined_to(channel) {
             let private = format!("{}{sid}", crate::hub::SESSION_PREFIX);
@@ -1456,6 +1478,7 @@ impl Server {
             }
         }
         self.cluster_tick();
+        self.mercure_tick(now);
         if now >= self.admin_tick {
             self.admin_tick = now + Duration::from_secs(1);
             self.admin_publish();
@@ -1521,7 +1544,7 @@ impl Server {
              total_connections_received:{}\r\nrejected_connections:{}\r\nrejected_requests:{}\r\nslow_readers_cut:{}\r\n\
              # Auth\r\nauth_mode:{}\r\nauth_cache_entries:{}\r\nauth_cache_hits:{}\r\nauth_jobs:{}\r\nauth_db_queries:{}\r\nauth_http_requests:{}\r\n\
              jobs_queued:{}\r\njobs_refused:{}\r\njobs_timed_out:{}\r\n\
-             # Cluster\r\ncluster_enabled:{}\r\n{}",
+             # Cluster\r\ncluster_enabled:{}\r\n{}{}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             self.started.elapsed().as_secs(),
@@ -1553,6 +1576,7 @@ impl Server {
             self.counters.jobs_timed_out,
             u8::from(self.cluster.is_some()),
             self.cluster.as_ref().map(|c| c.info()).unwrap_or_default(),
+            self.mercure_info(),
         )
     }
 }

@@ -173,8 +173,10 @@ impl Server {
         // In token order, as the fan-out walks its waiters.
         list.sort_unstable();
         for t in list.drain(..) {
-            if let Some(Phase::Stream(s)) = self.conns.get_mut(t).map(|c| &mut c.phase) {
-                s.flush_queued = false;
+            match self.conns.get_mut(t).map(|c| &mut c.phase) {
+                Some(Phase::Stream(s)) => s.flush_queued = false,
+                Some(Phase::Mercure(s)) => s.flush_queued = false,
+                _ => {}
             }
             self.flush(t);
         }
