@@ -112,10 +112,10 @@ mod tests {
 
     #[test]
     fn max_connections_above_the_file_limit() {
-        let cfg = "[limits]\nmax_connections = 1000\n[workers]\nthreads = 4\n";
-        assert_eq!(keys(cfg, Some(1024), |_| true), ["limits.max_connections"], "1000 + 16 + 4 > 1024");
-        assert!(keys(cfg, Some(1019), |_| true).contains(&"limits.max_connections".to_string()));
-        assert!(keys(cfg, Some(1020), |_| true).is_empty(), "1000 + 16 + 4 = 1020 fits");
+        let cfg = "[limits]\nmax_connections = 1010\n[workers]\nthreads = 4\n";
+        assert_eq!(keys(cfg, Some(1024), |_| true), ["limits.max_connections"], "1010 + 16 + 4 > 1024");
+        assert!(keys(cfg, Some(1029), |_| true).contains(&"limits.max_connections".to_string()));
+        assert!(keys(cfg, Some(1030), |_| true).is_empty(), "1010 + 16 + 4 = 1030 fits");
         assert!(keys(cfg, None, |_| true).is_empty(), "no limit known: nothing to say");
         let w = warnings(&Config::parse(cfg).unwrap(), Some(1024), |_| true);
         assert!(w[0].problem.contains("1024") && w[0].problem.contains("LimitNOFILE"), "{:?}", w[0]);
