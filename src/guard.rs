@@ -124,7 +124,7 @@ impl Throttle {
     /// were held back since its last one.
     pub fn may_log(&mut self, key: &str, now: Instant) -> Option<u64> {
         while let Some((at, k)) = self.order.front() {
-            if now.duration_since(*at) < self.every && self.order.len() <= 2 * THROTTLE_KEYS {
+            if now.duration_since(*at) <= self.every && self.order.len() <= 2 * THROTTLE_KEYS {
                 break;
             }
             if self.seen.get(k).is_some_and(|(last, _)| last == at) {
