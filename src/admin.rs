@@ -80,6 +80,9 @@ impl Server {
             let peer = self.conns[t].peer;
             if let Some(left) = self.guard.blocked(peer.ip(), self.now) {
                 self.counters.rejected += 1;
+                self.log_refusal(2, &format!("admin penalty {}", peer.ip()), || {
+                    format!("admin: {peer} refused 429: under penalty for failed token checks ({} s left)", left.as_secs() + 1)
+                });
                 let lines = format!("Retry-After: {}\r\n", left.as_secs() + 1);
                 return self.respond(t, 429, &lines, b"too many failed token checks from this address", false);
             }
@@ -90,6 +93,11 @@ impl Server {
                 let blocked = secret.is_some() && self.guard.failed(peer.ip(), self.now);
                 if secret.is_some() {
                     self.log_auth_failure(peer, "admin", blocked);
+                } else {
+                    let path = &req.path;
+                    self.log_refusal(2, &format!("admin no token {}", peer.ip()), || {
+                        format!("admin: {path:?} from {peer} refused 401: no Authorization: Bearer <token> header")
+                    });
                 }
                 return self.respond(t, 401, "WWW-Authenticate: Bearer\r\n", b"a token is required: Authorization: Bearer <secret>", ka);
             }
@@ -192,6 +200,9 @@ impl Server {
 
     fn reject(&mut self, t: usize, status: u16, why: &str, ka: bool) {
         self.counters.rejected += 1;
+        if let Some(peer) = self.conns.get(t).map(|c| c.peer) {
+            self.log_refusal(2, &format!("admin {status} {why} {}", peer.ip()), || format!("admin: request from {peer} refused {status}: {why}"));
+        }
         self.respond(t, status, "", why.as_bytes(), ka)
     }
 

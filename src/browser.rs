@@ -75,6 +75,48 @@ impl Server {
         req.host.is_some_and(|h| h.eq_ignore_ascii_case(authority)) || self.cfg.browser.allowed_origins.iter().any(|o| o == "*" || o == origin)
     }
 
+    /// Refuses a request for its Origin (a WebSocket handshake, or a CORS preflight) with a 403
+    /// that says why, and logs the same, once a minute per Origin. The usual cause of a refused
+    /// WebSocket from the site itself is a proxy that rewrote the Host, so both are named.
+    fn refuse_origin(&mut self, t: usize, req: &Request<'_>, websocket: bool, keep_alive: bool) {
+        self.counters.rejected += 1;
+        let origin = req.origin.unwrap_or_default();
+        let host = req.host.unwrap_or("(none)");
+        let allowed = format!("{:?}", self.cfg.browser.allowed_origins);
+        // The body names no allowed origin: any site's page may read it.
+        let body = if websocket {
+            format!(
+                "origin not allowed: Origin {origin} matches neither the Host this request carried ({host}) nor [browser] allowed_origins; \
+                 behind nginx set `proxy_set_header Host $http_host;`, or list the origin in allowed_origins\n"
+            )
+        } else {
+            format!("origin not allowed: Origin {origin} is not in [browser] allowed_origins\n")
+        };
+        let key = format!("origin {origin}");
+        self.log_refusal(1, &key, || {
+            if websocket {
+                format!(
+                    "WebSocket refused 403: Origin {origin:?} matches neither the request's Host {host:?} nor [browser] allowed_origins {allowed}; \
+                     behind nginx add `proxy_set_header Host $http_host;` to the location, or list the origin in [browser] allowed_origins \
+                     (logged at most once a minute per Origin)"
+                )
+            } else {
+                format!(
+                    "CORS preflight refused 403: Origin {origin:?} is not in [browser] allowed_origins {allowed}; \
+                     list it there to let that site's pages poll (logged at most once a minute per Origin)"
+                )
+            }
+        });
+        self.respond(t, 403, "", body.as_bytes(), keep_alive)
+    }
+
+    /// Logs a refused browser request, once a minute per reason and address.
+    fn log_browser_refusal(&mut self, t: usize, req: &Request<'_>, status: u16, why: &str) {
+        let Some(peer) = self.conns.get(t).map(|c| c.peer) else { return };
+        let path = &req.path;
+        self.log_refusal(2, &format!("{status} {why} {}", peer.ip()), || format!("browser {peer}: {path:?} refused {status}: {why}"));
+    }
+
     /// Handles one request on the browser listener.
     pub(crate) fn browser_request(&mut self, t: usize, req: Request<'_>) {
         let keep_alive = req.keep_alive;
@@ -82,8 +124,7 @@ impl Server {
         match req.method() {
             Method::Options => {
                 if cors.is_empty() {
-                    self.counters.rejected += 1;
-                    return self.respond(t, 403, "", b"origin not allowed", keep_alive);
+                    return self.refuse_origin(t, &req, false, keep_alive);
                 }
                 let lines = format!(
                     "{cors}Access-Control-Allow-Methods: GET, OPTIONS\r\n\
@@ -107,14 +148,14 @@ impl Server {
                     Ok(tr) => tr,
                     Err((status, lines, why)) => {
                         self.counters.rejected += 1;
+                        self.log_browser_refusal(t, &req, status, why);
                         return self.respond(t, status, &format!("{cors}{lines}"), why.as_bytes(), false);
                     }
                 };
                 if matches!(transport, Transport::WebSocket { .. }) && !self.ws_origin_allowed(&req) {
                     // Browsers apply no CORS to WebSockets but send the cookie: without this check
                     // any site's page could read a visitor's private channel.
-                    self.counters.rejected += 1;
-                    return self.respond(t, 403, "", b"origin not allowed", false);
+                    return self.refuse_origin(t, &req, true, false);
                 }
                 let refused = match self.subscribe_target(&req) {
                     Ok(target) => match self.access(t, &req, &target) {
@@ -134,10 +175,12 @@ impl Server {
                     Err(r) => r,
                 };
                 self.counters.rejected += 1;
+                self.log_browser_refusal(t, &req, refused.0, refused.1);
                 self.respond(t, refused.0, &cors, refused.1.as_bytes(), keep_alive)
             }
             _ => {
                 self.counters.rejected += 1;
+                self.log_browser_refusal(t, &req, 405, "only GET and OPTIONS here");
                 let lines = format!("{cors}Allow: GET, OPTIONS\r\n");
                 self.respond(t, 405, &lines, b"only GET and OPTIONS here", keep_alive)
             }
@@ -277,6 +320,16 @@ impl Server {
             Verdict::Allow(user) => self.hold(t, p, user),
             Verdict::Deny(status) => {
                 self.counters.rejected += 1;
+                let why = match status {
+                    503 => "the access check failed (database or callback unavailable, or the worker queue full)",
+                    504 => "the access check did not answer within workers.job_timeout_ms",
+                    _ => "the access check denied it",
+                };
+                let ip = self.conns.get(t).map(|c| c.peer.ip());
+                let channel = &p.channel;
+                self.log_refusal(2, &format!("{status} check {ip:?}"), || {
+                    format!("browser {}: poll on {channel:?} refused {status}: {why}", ip.map_or_else(String::new, |i| i.to_string()))
+                });
                 let lines = String::from_utf8_lossy(p.lines.as_deref().unwrap_or_default()).into_owned();
                 let retry = if status == 503 { "Retry-After: 1\r\n" } else { "" };
                 self.respond(t, status, &format!("{lines}{retry}"), b"access denied", p.keep_alive)
@@ -299,7 +352,9 @@ impl Server {
             }
             Err(worker::Busy) => {
                 self.counters.jobs_refused += 1;
-                crate::warn!("worker queue full ({} jobs): poll on {} refused with 503", self.cfg.workers.queue, p.channel);
+                let queue = self.cfg.workers.queue;
+                let channel = &p.channel;
+                self.log_refusal(1, "worker queue full", || format!("worker queue full ({queue} jobs, workers.queue): poll on {channel} refused with 503"));
                 self.access_decided(t, p, Verdict::Deny(503));
             }
         }

@@ -94,7 +94,10 @@ impl Server {
                     }
                 }
                 Err(e) => {
-                    crate::warn!("control connection from {} closed: {}", c.peer, e.message());
+                    let peer = c.peer;
+                    let why = e.message();
+                    self.log_refusal(1, &format!("control protocol {}", peer.ip()), || format!("control connection from {peer} closed: {why}"));
+                    let Some(c) = self.conns.get_mut(t) else { break };
                     c.out.append(|o| resp::error(o, &format!("ERR {}", e.message())));
                     c.close_after_write = true;
                     self.counters.rejected += 1;
@@ -140,7 +143,10 @@ impl Server {
         if matches!(upper, "POST" | "HOST:") {
             // As Redis: an HTTP request on this port is a browser tricked into talking to it
             // (cross-protocol scripting). Close without a word.
-            crate::warn!("control connection from {} sent an HTTP request: closed", self.conns[t].peer);
+            let peer = self.conns[t].peer;
+            self.log_refusal(1, &format!("control http {}", peer.ip()), || {
+                format!("control connection from {peer} sent an HTTP request (a browser, or a proxy pointed at the wrong port): closed")
+            });
             self.counters.rejected += 1;
             self.kill(t);
             return true;
@@ -253,6 +259,16 @@ impl Server {
         };
         if matches!(reply, Reply::Pending) {
             return true;
+        }
+        if let Reply::Error(e) = &reply {
+            // Wrong tokens have their own lines (log_auth_failure). The key leaves out what the
+            // peer wrote (an unknown command's name), so repeating it with variations is one key.
+            if !e.starts_with("WRONGPASS") {
+                let peer = self.conns[t].peer;
+                let cmd = name();
+                let key = format!("control {upper} {} {}", e.split('\'').next().unwrap_or(""), peer.ip());
+                self.log_refusal(2, &key, || format!("control: {:?} from {peer} refused: {e}", cmd.replace(['\r', '\n'], " ")));
+            }
         }
         let encode = |o: &mut Vec<u8>| match reply {
             Reply::Simple(s) => resp::simple(o, s),

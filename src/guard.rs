@@ -1,6 +1,8 @@
 //! Brute-force guard for the control socket and the admin listener: counts failed token checks
 //! per address, refuses an address that failed too often for a penalty period, and rate-limits
-//! the log lines about wrong tokens so an attack cannot flood the log. Pure state: time is passed in.
+//! the log lines about wrong tokens so an attack cannot flood the log. [`Throttle`] does the same
+//! for every other refusal's log line: one line per reason (and Origin, or address) per minute,
+//! in a bounded map. Pure state: time is passed in.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -93,9 +95,105 @@ impl Guard {
     }
 }
 
+/// Most keys a [`Throttle`] remembers. Past it, lines for keys it has no room for share one
+/// line a second between them, so a flood of distinct Origins grows neither memory nor the log.
+const THROTTLE_KEYS: usize = 1024;
+
+/// Rate-limits log lines by key (a refusal's reason, with the Origin or the address it came
+/// from): the first line of a key is written, the next ones within `every` are counted, and
+/// the count is told on the key's next line.
+pub struct Throttle {
+    /// Key -> (when its last line was written, lines held back since).
+    seen: HashMap<Box<str>, (Instant, u64)>,
+    /// Keys in the order their line was written, for expiry. A key logged again is pushed again;
+    /// its stale entry is skipped when it comes up (the map's stamp no longer matches).
+    order: VecDeque<(Instant, Box<str>)>,
+    /// At most one line per key this often.
+    every: Duration,
+    /// The shared limit for keys there was no room for: last line, lines held back.
+    overflow: (Option<Instant>, u64),
+}
+
+impl Throttle {
+    /// At most one line per key every `every`.
+    pub fn new(every: Duration) -> Throttle {
+        Throttle { seen: HashMap::new(), order: VecDeque::new(), every, overflow: (None, 0) }
+    }
+
+    /// Whether a line for `key` may be written now; with the permission, how many lines for it
+    /// were held back since its last one.
+    pub fn may_log(&mut self, key: &str, now: Instant) -> Option<u64> {
+        while let Some((at, k)) = self.order.front() {
+            if now.duration_since(*at) <= self.every && self.order.len() <= 2 * THROTTLE_KEYS {
+                break;
+            }
+            if self.seen.get(k).is_some_and(|(last, _)| last == at) {
+                self.seen.remove(k);
+            }
+            self.order.pop_front();
+        }
+        if let Some((last, held)) = self.seen.get_mut(key) {
+            if now.duration_since(*last) < self.every {
+                *held += 1;
+                return None;
+            }
+            *last = now;
+            self.order.push_back((now, key.into()));
+            return Some(std::mem::take(held));
+        }
+        if self.seen.len() >= THROTTLE_KEYS {
+            let (last, held) = &mut self.overflow;
+            if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+                *held += 1;
+                return None;
+            }
+            *last = Some(now);
+            return Some(std::mem::take(held));
+        }
+        self.seen.insert(key.into(), (now, 0));
+        self.order.push_back((now, key.into()));
+        Some(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttle_one_line_per_key_per_period() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(Duration::from_secs(60));
+        assert_eq!(t.may_log("origin https://a", t0), Some(0));
+        assert_eq!(t.may_log("origin https://b", t0), Some(0), "another key has its own line");
+        for _ in 0..3 {
+            assert_eq!(t.may_log("origin https://a", t0 + Duration::from_secs(1)), None);
+        }
+        assert_eq!(t.may_log("origin https://a", t0 + Duration::from_secs(59)), None);
+        assert_eq!(t.may_log("origin https://a", t0 + Duration::from_secs(60)), Some(4), "the held-back count comes with the next line");
+        assert_eq!(t.may_log("origin https://a", t0 + Duration::from_secs(61)), None);
+        // b expired from the map: logged again, with nothing held back.
+        assert_eq!(t.may_log("origin https://b", t0 + Duration::from_secs(120)), Some(0));
+    }
+
+    #[test]
+    fn throttle_memory_and_lines_are_bounded_under_a_flood_of_keys() {
+        let t0 = Instant::now();
+        let mut t = Throttle::new(Duration::from_secs(60));
+        let mut written = 0;
+        for i in 0..100_000 {
+            if t.may_log(&format!("origin https://{i}.evil"), t0 + Duration::from_micros(i)).is_some() {
+                written += 1;
+            }
+        }
+        assert!(t.seen.len() <= THROTTLE_KEYS, "{} keys kept", t.seen.len());
+        assert!(t.order.len() <= 2 * THROTTLE_KEYS + 1, "{} entries queued", t.order.len());
+        // The first THROTTLE_KEYS get their line; the rest (all within 0.1 s) share one.
+        assert_eq!(written, THROTTLE_KEYS + 1);
+        // A minute on, the old keys have expired and new ones get their own lines again.
+        assert_eq!(t.may_log("origin https://late", t0 + Duration::from_secs(61)), Some(0));
+        assert!(t.seen.len() <= 2);
+    }
 
     #[test]
     fn blocks_after_limit_then_forgives() {

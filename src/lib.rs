@@ -45,6 +45,7 @@ pub mod auth;
 pub mod browser;
 pub mod cluster;
 pub mod cluster_presence;
+pub mod check;
 pub mod config;
 pub mod conn;
 pub mod control;

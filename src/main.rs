@@ -15,7 +15,10 @@ USAGE:
 OPTIONS:
     -c, --config PATH   the configuration file (default: ./server.toml)
         --check         validate the configuration and exit: 0 if valid, 2 with the key
-                        and the problem if not
+                        and the problem if not. A valid file may still get warnings on
+                        stderr, one line each naming the key (placeholder secrets left in,
+                        limits.max_connections above the open-file limit, a store or
+                        presence SQLite file this user cannot write): the exit stays 0
     -h, --help          this text
     -V, --version       the version
 
@@ -56,11 +59,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let warnings = comet::check::warnings(&cfg, comet::check::nofile_limit(), comet::check::writable);
     if check {
+        for w in &warnings {
+            eprintln!("comet: warning: {}: {}", w.key, w.problem);
+        }
         println!("comet: {} is valid", config.display());
         return ExitCode::SUCCESS;
     }
     comet::log::init(cfg.log_level);
+    for w in &warnings {
+        comet::warn!("{}: {}", w.key, w.problem);
+    }
     fixed_mmap_threshold();
     let mut server = match Server::bind(cfg) {
         Ok(s) => s,

@@ -78,6 +78,8 @@ pub const PRESENCE_CHANNEL: &str = "__presence__";
 
 /// Longest a shutdown waits for answers to drain before closing what is left.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// At most one log line per refusal reason and Origin (or address) this often.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Bytes read from one connection in one turn before others get theirs.
 const READ_BUDGET: usize = 1 << 20;
 
@@ -249,6 +251,8 @@ pub struct Server {
     pub auth_generation: u64,
     /// Failed token checks by address.
     pub guard: crate::guard::Guard,
+    /// Log lines about refused requests: one per reason and Origin (or address) a minute.
+    pub refusals: crate::guard::Throttle,
     /// The access-check settings, shared with worker jobs.
     pub auth_cfg: Arc<crate::config::Auth>,
     pub(crate) poll: Poll,
@@ -395,6 +399,7 @@ impl Server {
             auth_cache: auth::Cache::new(cfg.auth.cache_ttl, cfg.auth.cache_max_entries),
             auth_generation: 0,
             guard: crate::guard::Guard::new(cfg.limits.auth_max_failures, cfg.limits.auth_penalty),
+            refusals: crate::guard::Throttle::new(REFUSAL_LOG_EVERY),
             auth_cfg,
             conns: Slab::with_capacity(1024),
             cluster,
@@ -656,6 +661,10 @@ impl Server {
         self.counters.accepted += 1;
         if self.conns.len() >= self.cfg.limits.max_connections {
             self.counters.refused += 1;
+            let max = self.cfg.limits.max_connections;
+            self.log_refusal(1, "max_connections", || {
+                format!("{kind:?} connection from {peer} refused: {max} connections open (limits.max_connections; raise it with LimitNOFILE)")
+            });
             // Best effort: the socket is fresh, so a short answer fits its send buffer.
             let msg: &[u8] = match kind {
                 Kind::Control => b"-ERR max number of clients reached\r\n",
@@ -766,7 +775,11 @@ impl Server {
             // the caps allow (say, a RESP command whose arguments add up past them). Refuse it
             // rather than wait forever for bytes that cannot fit.
             self.counters.rejected += 1;
-            warn!("{:?} connection from {} closed: request larger than the input buffer ({cap} bytes)", c.kind, c.peer);
+            let (kind, peer) = (c.kind, c.peer);
+            self.log_refusal(1, &format!("too large {}", peer.ip()), || {
+                format!("{kind:?} connection from {peer} closed: request larger than the input buffer ({cap} bytes: limits.max_head_bytes + max_message_bytes)")
+            });
+            let Some(c) = self.conns.get_mut(t) else { return };
             if c.kind == Kind::Control {
                 c.out.append(|o| crate::resp::error(o, "ERR Protocol error: request too large"));
                 c.close_after_write = true;
@@ -860,7 +873,10 @@ impl Server {
                 }
                 Err(e) => {
                     c.inbuf = inbuf;
-                    debug!("bad request from {}: {} {}", c.peer, e.status, e.reason);
+                    let (kind, peer) = (c.kind, c.peer);
+                    self.log_refusal(2, &format!("bad request {} {}", e.reason, peer.ip()), || {
+                        format!("{kind:?} connection from {peer}: bad request, answered {} and closed: {}", e.status, e.reason)
+                    });
                     self.counters.rejected += 1;
                     self.respond(t, e.status, "", e.reason.as_bytes(), false);
                     return;
@@ -901,6 +917,20 @@ impl Server {
     }
 
     // ---- answer ----
+
+    /// Logs why a peer was refused, at `level` (0 error .. 3 debug): at most one line per `key`
+    /// (the reason, with the Origin or address it concerns) every `REFUSAL_LOG_EVERY`, telling
+    /// how many were held back, so a peer repeating a refused request cannot flood the log. The
+    /// line is only formatted when it is written.
+    pub(crate) fn log_refusal(&mut self, level: u8, key: &str, line: impl FnOnce() -> String) {
+        if !crate::log::enabled(level) {
+            return;
+        }
+        if let Some(held) = self.refusals.may_log(key, self.now) {
+            let more = if held > 0 { format!(" ({held} more like it since the last line)") } else { String::new() };
+            crate::log::write(level, format_args!("{}{more}", line()));
+        }
+    }
 
     /// Answers the current HTTP request (not a held poll): `lines` are extra header lines.
     /// Closes after writing unless `keep_alive`.
@@ -1437,7 +1467,11 @@ impl Server {
                 let c = &mut self.conns[x.token];
                 let Phase::Authorizing(p) = std::mem::replace(&mut c.phase, Phase::Idle) else { continue };
                 self.counters.jobs_timed_out += 1;
-                warn!("access check for {} timed out (workers.job_timeout_ms): 504", p.channel);
+                let Some(peer) = self.conns.get(x.token).map(|c| c.peer) else { continue };
+                let channel = &p.channel;
+                self.log_refusal(1, &format!("job timeout {channel}"), || {
+                    format!("access check for {channel} from {peer} timed out (workers.job_timeout_ms): 504")
+                });
                 self.access_decided(x.token, *p, Verdict::Deny(504));
             }
         }
@@ -1449,7 +1483,10 @@ impl Server {
             }
             match c.phase {
                 Phase::Head | Phase::Body(_) => {
-                    debug!("request head timeout from {}", c.peer);
+                    let (peer, after) = (c.peer, self.cfg.limits.head_timeout);
+                    self.log_refusal(2, &format!("head timeout {}", peer.ip()), || {
+                        format!("connection from {peer}: request not complete {after:?} after its first byte (limits.head_timeout_secs): 408, closed")
+                    });
                     self.counters.rejected += 1;
                     self.respond(x.token, 408, "", b"request head not received in time", false);
                 }

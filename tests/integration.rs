@@ -16,6 +16,7 @@ mod common;
 #[path = "integration/hardening.rs"] mod hardening;
 #[path = "integration/streams.rs"] mod streams;
 #[path = "integration/cluster.rs"] mod cluster;
+#[path = "integration/refusals.rs"] mod refusals;
 
 use common::*;
 use std::collections::HashMap;
