@@ -36,6 +36,9 @@ pub fn warnings(cfg: &Config, nofile: Option<u64>, writable: impl Fn(&Path) -> b
     if placeholder(&cfg.auth.key_secret) {
         warn("auth.key_secret".into(), "still the shipped placeholder: anyone can sign subscribe keys; set a random one".into());
     }
+    if cfg.mercure.as_ref().is_some_and(|m| m.placeholder_key) {
+        warn("mercure.publisher_jwt_key".into(), "a shipped example key is still set: anyone who knows it can publish to the Mercure hub; set a random one".into());
+    }
     if let Some(c) = &cfg.cluster {
         if placeholder(&c.password) {
             warn("cluster.password".into(), "still the shipped placeholder: set Redis's requirepass".into());

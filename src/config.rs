@@ -62,6 +62,8 @@ pub struct MercureCfg {
     pub heartbeat: Duration,
     /// The cookie a browser's JWT may come in.
     pub cookie_name: String,
+    /// A key is still a shipped example (`--check` warns).
+    pub placeholder_key: bool,
 }
 
 /// The cluster: where Redis is and who this node is in it.
@@ -663,6 +665,10 @@ impl Config {
             history: range("mercure.history", m.history, 1, 1_000_000)? as usize,
             heartbeat: Duration::from_secs(range("mercure.heartbeat_secs", m.heartbeat_secs, 1, 3600)?),
             cookie_name: cookie,
+            placeholder_key: [&m.publisher_jwt_key, &m.subscriber_jwt_key].iter().any(|k| {
+                let k = k.to_ascii_lowercase();
+                k.contains("changethis") || k.contains("change-me")
+            }),
         })
     }
 
