@@ -17,6 +17,7 @@ mod common;
 #[path = "integration/streams.rs"] mod streams;
 #[path = "integration/cluster.rs"] mod cluster;
 #[path = "integration/refusals.rs"] mod refusals;
+#[path = "integration/mercure.rs"] mod mercure;
 
 use common::*;
 use std::collections::HashMap;
