@@ -851,3 +851,45 @@ fn a_node_subscribes_on_the_first_poll_and_unsubscribes_a_while_after_the_last()
     let r = ns[1].browser().request(&get("/sub/brief", &[(&c[0].0, &c[0].1), (&c[1].0, &c[1].1)]));
     assert_text_message(&r, "two");
 }
+
+#[test]
+fn mercure_updates_cross_nodes_in_one_order_and_resume_on_a_node_that_never_saw_the_subscriber() {
+    use crate::mercure::{publish, with_mercure, Sub, ALL};
+    let redis = Redis::start();
+    let ns = nodes(&redis, 2, |c| with_mercure(c).set("mercure", "history", "50"));
+    let mut a = Sub::open(&ns[0], "topic=t", &[]);
+    let mut b = Sub::open(&ns[1], "topic=t", &[]);
+    for (i, d) in [&ns[0], &ns[1], &ns[0], &ns[1]].iter().enumerate() {
+        let r = publish(d, Some(ALL), &[("topic", "t"), ("data", &format!("d{i}")), ("id", &format!("m{i}"))]);
+        assert_eq!((r.status, r.text()), (200, format!("m{i}")), "{r}");
+    }
+    for s in [&mut a, &mut b] {
+        for i in 0..4 {
+            assert_eq!(s.event(), format!("id: m{i}\ndata: d{i}"), "every node, one order, each once");
+        }
+    }
+    // A subscriber of node 0 resumes on node 1.
+    let mut r = Sub::open(&ns[1], "topic=t&lastEventID=m1", &[]);
+    assert_eq!(r.event(), "id: m2\ndata: d2");
+    assert_eq!(r.event(), "id: m3\ndata: d3");
+    // One channel space across nodes: a RESP publish on node 1 reaches node 0's subscriber.
+    assert_eq!(publish_reply(&ns[1], "t", "from resp").to_string().starts_with(':'), true);
+    assert!(a.event().ends_with("\ndata: from resp"));
+    // The subscriptions of both nodes, listed by either.
+    let watch = format!("Bearer {ALL}");
+    for d in &ns {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let resp = d.browser().request(&get("/.well-known/mercure/subscriptions/t", &[("Authorization", &watch)]));
+            assert_eq!(resp.status, 200, "{resp}");
+            let v: serde_json::Value = serde_json::from_str(&resp.text()).unwrap();
+            if v["subscriptions"].as_array().map(|x| x.len()) == Some(3) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never listed the three subscriptions: {v}");
+            thread::sleep(ms(20));
+        }
+    }
+    assert!(b.event().ends_with("\ndata: from resp"));
+    b.nothing(ms(100));
+}

@@ -10,12 +10,16 @@ use std::process::Command;
 /// The reference hub's example key (its conformance suite signs with it).
 const KEY: &str = "!ChangeThisMercureHubJWTSecretKey!";
 /// The conformance suite's token: publish and subscribe `*`, HS256 with `KEY`.
-const ALL: &str = "eyJhbGciOiJIUzI1NiJ9.eyJtZXJjdXJlIjp7InB1Ymxpc2giOlsiKiJdLCJzdWJzY3JpYmUiOlsiKiJdfX0.bVXdlWXwfw9ySx7-iV5OpUSHo34RkjUdVzDLBcc6l_g";
+pub(crate) const ALL: &str = "eyJhbGciOiJIUzI1NiJ9.eyJtZXJjdXJlIjp7InB1Ymxpc2giOlsiKiJdLCJzdWJzY3JpYmUiOlsiKiJdfX0.bVXdlWXwfw9ySx7-iV5OpUSHo34RkjUdVzDLBcc6l_g";
 
 fn config() -> Config {
+    with_mercure(Config::default())
+}
+
+/// `c` with the hub on (the example key, anonymous subscribers, subscriptions, history 5).
+pub(crate) fn with_mercure(c: Config) -> Config {
     let q = |s: &str| format!("\"{s}\"");
-    Config::default()
-        .set("mercure", "publisher_jwt_key", &q(KEY))
+    c.set("mercure", "publisher_jwt_key", &q(KEY))
         .set("mercure", "subscriber_jwt_key", &q(KEY))
         .set("mercure", "anonymous", "true")
         .set("mercure", "subscriptions", "true")
@@ -35,7 +39,7 @@ fn enc(s: &str) -> String {
     s.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
-fn publish(d: &Daemon, jwt: Option<&str>, fields: &[(&str, &str)]) -> Response {
+pub(crate) fn publish(d: &Daemon, jwt: Option<&str>, fields: &[(&str, &str)]) -> Response {
     let body = form(fields);
     let auth = jwt.map(|t| format!("Bearer {t}"));
     let mut h = vec![("Content-Type", "application/x-www-form-urlencoded")];
@@ -46,14 +50,14 @@ fn publish(d: &Daemon, jwt: Option<&str>, fields: &[(&str, &str)]) -> Response {
 }
 
 /// An open subscriber: its head, then its bytes as they come.
-struct Sub {
+pub(crate) struct Sub {
     s: TcpStream,
     head: String,
     buf: Vec<u8>,
 }
 
 impl Sub {
-    fn open(d: &Daemon, query: &str, headers: &[(&str, &str)]) -> Sub {
+    pub(crate) fn open(d: &Daemon, query: &str, headers: &[(&str, &str)]) -> Sub {
         let mut s = TcpStream::connect(d.browser).unwrap();
         s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         s.write_all(get(&format!("/.well-known/mercure?{query}"), headers).as_bytes()).unwrap();
@@ -77,7 +81,7 @@ impl Sub {
     }
 
     /// The next event (comments passed over), without its blank line.
-    fn event(&mut self) -> String {
+    pub(crate) fn event(&mut self) -> String {
         loop {
             self.until(b"\n\n");
             let i = self.buf.windows(2).position(|w| w == b"\n\n").unwrap();
@@ -91,7 +95,7 @@ impl Sub {
     }
 
     /// Nothing but comments arrives for `d`.
-    fn nothing(&mut self, d: std::time::Duration) {
+    pub(crate) fn nothing(&mut self, d: std::time::Duration) {
         self.s.set_read_timeout(Some(d)).unwrap();
         let mut chunk = [0u8; 8192];
         if let Ok(n) = self.s.read(&mut chunk) {
