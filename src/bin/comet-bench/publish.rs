@@ -212,7 +212,7 @@ impl Probe {
                 c.stream.write_all(&cmd)?;
                 let text = c.resp()?;
                 let polls = wire::field(&text, "held_polls").ok_or_else(|| io::Error::other("no held_polls in INFO"))?;
-                let streams: u64 = ["eventsource_streams", "websocket_streams"].iter().filter_map(|k| wire::field(&text, k)).sum();
+                let streams: u64 = ["eventsource_streams", "websocket_streams", "mercure_subscribers"].iter().filter_map(|k| wire::field(&text, k)).sum();
                 Ok(polls + streams)
             }
             Probe::NchanStatus(c, path) => {
