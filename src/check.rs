@@ -100,9 +100,9 @@ mod tests {
     }
 
     #[test]
-    fn shipped_file_warns_about_its_placeholder_token_only() {
+    fn shipped_file_warns_about_its_placeholder_secrets_only() {
         let k = keys(include_str!("../server.toml"), Some(1 << 20), |_| true);
-        assert_eq!(k, ["control.tokens.php"]);
+        assert_eq!(k, ["control.tokens.php", "mercure.publisher_jwt_key"]);
     }
 
     #[test]
