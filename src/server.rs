@@ -563,11 +563,14 @@ impl Server {
                 debug!("closed {:?} connection {} from {}", c.kind, c.id, c.peer);
             }
         }
+        // What reaping queued for Redis (a Mercure subscriber's departure) goes now.
+        self.cluster_flush();
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        if !self.yielded.is_empty() {
-            // Input is waiting: look at everyone's events, but do not sleep.
+        if !self.yielded.is_empty() || !self.streams_to_flush.is_empty() {
+            // Input is waiting, or events queued while connections were reaped (a Mercure
+            // subscriber's departure): look at everyone's events, but do not sleep.
             return Some(Duration::ZERO);
         }
         let mut next = self.now + Duration::from_secs(1);
