@@ -153,9 +153,6 @@ impl Server {
                         }
                     }
                 }
-                if let Some(m) = self.mercure.as_mut() {
-                    m.synced = true;
-                }
             }
             Waiting::MercureSubs => {
                 let Value::Array(items) = v else { return };

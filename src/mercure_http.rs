@@ -55,8 +55,6 @@ pub struct Mercure {
     pub published: u64,
     /// Events written to subscribers.
     pub delivered: u64,
-    /// In a cluster: the history and the active subscriptions were read from Redis.
-    pub synced: bool,
     /// In a cluster: the pub/sub channel updates arrive on.
     pub redis_channel: Option<String>,
 }
@@ -65,7 +63,7 @@ impl Mercure {
     /// The hub for `cfg`.
     pub fn new(cfg: MercureCfg) -> Mercure {
         let hub = Hub::new(cfg.history);
-        Mercure { cfg, hub, beats: VecDeque::new(), expiries: BinaryHeap::new(), recipients: Vec::new(), published: 0, delivered: 0, synced: false, redis_channel: None }
+        Mercure { cfg, hub, beats: VecDeque::new(), expiries: BinaryHeap::new(), recipients: Vec::new(), published: 0, delivered: 0, redis_channel: None }
     }
 
     /// When the next heartbeat or expiry is due (expiries are in unix seconds: checked each second).
@@ -507,7 +505,7 @@ impl Server {
             m.hub.history_len(),
             m.published,
             m.delivered,
-            m.hub.active(None, None).len()
+            m.hub.active_count()
         )
     }
 }

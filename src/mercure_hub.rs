@@ -285,6 +285,11 @@ impl Hub {
             .collect()
     }
 
+    /// How many subscriptions are active.
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
     /// Replaces the list of active subscriptions (read from Redis on connect).
     pub fn set_active(&mut self, list: Vec<SubEvent>) {
         self.active.clear();
@@ -383,6 +388,7 @@ mod tests {
         h.apply_sub(&ev("b", "s1", true, "n1"));
         h.apply_sub(&ev("a", "s2", true, "n2"));
         assert_eq!(h.active(None, None).len(), 3);
+        assert_eq!(h.active_count(), 3);
         assert_eq!(h.active(Some("a"), None).len(), 2);
         assert_eq!(h.active(Some("a"), Some("s2")).len(), 1);
         h.apply_sub(&ev("a", "s1", false, "n1"));
